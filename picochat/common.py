@@ -1,0 +1,154 @@
+"""Shared plumbing: artifact paths, atomic file writes, device/dtype choice and distributed set-up.
+
+Every stage imports from here so that paths, logging and process-group handling behave the same
+on a 2-core laptop and on a multi-node GPU cluster launched with torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# The repository's bundled offline data (tokenizer corpus, eval sets, chat data).
+REPO_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("PICOCHAT_DATA", REPO_DIR / "data"))
+
+
+class PicochatError(RuntimeError):
+    """An error caused by bad input or a missing artifact; the CLI prints it without a traceback."""
+
+
+def get_base_dir() -> Path:
+    """Root folder for every artifact a run writes (PICOCHAT_HOME, default ~/.cache/picochat)."""
+    base = Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes: a reader (or a crash) never sees a half-written file under its final name.
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same folder, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one JSON line; a single small write+fsync, so a crash loses at most this line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, dtypes and distributed training.
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_dtype(device_type: str) -> torch.dtype:
+    """bf16 autocast where the hardware supports it; plain fp32 on CPU (bf16 matmuls are slow there)."""
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def is_distributed() -> bool:
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def get_rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def get_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only, so torchrun logs are not repeated N times."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def init_runtime(device_type: str = "") -> tuple[bool, int, int, int, torch.device]:
+    """Pick the device and join the process group when launched by torchrun.
+
+    Returns (distributed, rank, local_rank, world_size, device). NCCL on CUDA, gloo on CPU.
+    """
+    device_type = device_type or autodetect_device_type()
+    distributed = is_distributed()
+    rank, local_rank, world_size = get_rank(), int(os.environ.get("LOCAL_RANK", 0)), get_world_size()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(device_type)
+    if distributed and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        dist.barrier()
+    if device_type == "cpu" and distributed:
+        # Split the machine's cores between the local processes instead of oversubscribing them.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return distributed, rank, local_rank, world_size, device
+
+
+def cleanup_runtime() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_cli(main_fn: Any) -> None:
+    """Entry for `python -m picochat.<stage>`: run main() and turn a PicochatError into a clean exit."""
+    import sys
+
+    try:
+        sys.exit(int(main_fn() or 0))
+    except PicochatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
