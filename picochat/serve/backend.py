@@ -1,0 +1,81 @@
+"""The interface between the HTTP server (`picochat.serve.app`) and whatever generates text.
+
+The server never touches the model: it validates requests, calls `Backend.generate` once per
+requested choice and turns the `Delta`s it yields into OpenAI-shaped responses. The real backend
+(`picochat.serve.batching.ContinuousBatchingBackend`) runs a KV-cache engine with continuous batching;
+tests use a small fake. A backend must follow these rules:
+
+- `generate(messages, params)` returns an async iterator (normally an `async def ... yield` generator).
+  `messages` is the conversation in docs/architecture.md's format, already validated: an optional
+  leading system message, then user/assistant turns alternating and ending with a user turn; user
+  and system content is a `str`, assistant content a `str` or a list of parts
+  (`{"type": "text" | "python" | "python_output", "text": ...}`).
+- Deltas carry the reply in order. Tool calls are deltas of kind "python" (the code the model writes,
+  streamed token by token) followed by "python_output" (the calculator's result).
+- The last delta has `finish_reason` set ("stop" at `<|assistant_end|>`, "length" at max_tokens or the
+  context limit) and should carry the token counts; its `text` may be empty. Nothing follows it.
+- Admission: raise `QueueFullError` (or `ShuttingDownError`) either when `generate` is called or from
+  the first `__anext__`, before yielding anything. The server waits for the first delta (or that error)
+  before it sends the HTTP status, so a full queue becomes a clean 429 and shutdown a 503.
+- Cancellation: when the client disconnects, or a stop sequence matched, the server cancels the task
+  iterating the generator (`asyncio.CancelledError` is raised at the generator's current `await`) and
+  then calls `aclose()` (`GeneratorExit` if it is suspended at a `yield`). Free the batch slot in a
+  `finally:` block so both paths release it.
+
+Optional hooks, used when present: `stats() -> dict` (merged into `GET /health`, e.g. `{"active": 3,
+"queued": 1}`); `async start()` / `async stop()`, awaited in the server's event loop at startup and
+shutdown (create asyncio tasks and queues in `start`, not in `__init__`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+DeltaKind = Literal["text", "python", "python_output"]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one reply. top_k=None (or 0) disables top-k; seed=None means nondeterministic."""
+
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int | None = 50
+    max_tokens: int = 512
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of a reply. The final delta has finish_reason set and, ideally, the token counts."""
+
+    text: str = ""
+    kind: DeltaKind = "text"
+    finish_reason: FinishReason | None = None
+    notice: str | None = None  # shown to the user, e.g. "oldest turns dropped to fit the context"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class QueueFullError(Exception):
+    """The backend's bounded queue is full; the client should retry after `retry_after` seconds."""
+
+    def __init__(
+        self, message: str = "the server is busy: too many requests in flight", retry_after: int = 1
+    ):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDownError(Exception):
+    """The backend is shutting down and accepts no new requests."""
+
+
+class Backend(Protocol):
+    model_name: str
+    max_context: int  # tokens of prompt + reply the model can attend to
+
+    def generate(self, messages: list[dict], params: SamplingParams) -> AsyncIterator[Delta]: ...

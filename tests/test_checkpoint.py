@@ -1,0 +1,178 @@
+"""Checkpoints: exact round trips, atomic publication, pruning, RNG states and refusing damaged files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from picochat.checkpoint import (
+    capture_rng_state,
+    flatten_state,
+    list_steps,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    step_dir,
+    unflatten_state,
+)
+from picochat.common import PicochatError
+
+
+def _trained_pair(seed: int = 0) -> tuple[torch.nn.Module, list[torch.optim.Optimizer]]:
+    """A tiny model and two optimisers (as base training has) after two real steps."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    optimizers = [
+        torch.optim.AdamW(model[0].parameters(), lr=1e-2, betas=(0.8, 0.95)),
+        torch.optim.SGD(model[1].parameters(), lr=1e-2, momentum=0.9),
+    ]
+    for group in optimizers[0].param_groups:
+        group["initial_lr"] = group["lr"]
+    for _ in range(2):
+        _step(model, optimizers)
+    return model, optimizers
+
+
+def _step(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+    x = torch.linspace(-1, 1, 12).reshape(3, 4)
+    model(x).square().sum().backward()
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
+def _save(tmp_path, step, model, optimizers, **kw):
+    meta = {"model_config": {"n_layer": 2}, "loader": {"pos": step}}
+    return save_checkpoint(
+        tmp_path, step, model.state_dict(), [o.state_dict() for o in optimizers], meta, **kw
+    )
+
+
+def test_flatten_roundtrip_keeps_int_keys_tuples_and_scalars():
+    state = {
+        "state": {0: {"step": torch.tensor(3.0), "m": torch.ones(2)}},
+        "groups": [{"betas": (0.9, 0.95)}],
+    }
+    tensors, tree = flatten_state([state, None])
+    back = unflatten_state(tensors, json.loads(json.dumps(tree)))
+    assert back[1] is None
+    assert list(back[0]["state"]) == [0]
+    assert back[0]["groups"][0]["betas"] == (0.9, 0.95)
+    assert torch.equal(back[0]["state"][0]["m"], torch.ones(2))
+    with pytest.raises(TypeError, match="object"):
+        flatten_state({"x": object()})
+
+
+def test_roundtrip_resumes_identically(tmp_path):
+    model, optimizers = _trained_pair()
+    folder = _save(tmp_path, 2, model, optimizers, rank_state={"rng": "r0"})
+    assert folder == step_dir(tmp_path, 2)
+    assert sorted(os.listdir(folder)) == ["meta.json", "model.safetensors", "optim.safetensors"]
+
+    model_state, optim_state, meta = load_checkpoint(tmp_path)
+    assert meta["step"] == 2 and meta["loader"] == {"pos": 2} and meta["rank_state"] == {"rng": "r0"}
+    assert set(meta["files"]) == {"model.safetensors", "optim.safetensors"}
+    assert all(len(rec["sha256"]) == 64 for rec in meta["files"].values())
+
+    clone, clone_opts = _trained_pair(seed=1)  # different weights and optimiser state
+    clone.load_state_dict(model_state)
+    for opt, state in zip(clone_opts, optim_state, strict=True):
+        opt.load_state_dict(state)
+    assert clone_opts[0].param_groups[0]["betas"] == (0.8, 0.95)
+    assert clone_opts[0].param_groups[0]["initial_lr"] == 1e-2
+    # One more step from the restored state must match one more step of the original exactly.
+    _step(model, optimizers)
+    _step(clone, clone_opts)
+    for a, b in zip(model.parameters(), clone.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_latest_skips_incomplete_and_keep_last_prunes(tmp_path):
+    model, optimizers = _trained_pair()
+    for step in (10, 20, 30):
+        _save(tmp_path, step, model, optimizers, keep_last=2)
+    assert list_steps(tmp_path) == [20, 30]
+    (tmp_path / ".tmp_step_000040").mkdir()  # a save killed half-way
+    (tmp_path / "step_000050").mkdir()  # no meta.json: never published by save_checkpoint
+    assert load_checkpoint(tmp_path).meta["step"] == 30
+    assert load_checkpoint(tmp_path, step=20).meta["step"] == 20
+    with pytest.raises(PicochatError, match="available steps: 20, 30"):
+        load_checkpoint(tmp_path, step=40)
+    _save(tmp_path, 30, model, optimizers)  # re-saving a step replaces it and clears stale temp dirs
+    assert list_steps(tmp_path) == [20, 30]
+    assert not (tmp_path / ".tmp_step_000040").exists()
+
+
+def test_empty_dir_is_refused_with_a_hint(tmp_path):
+    with pytest.raises(PicochatError, match="no complete checkpoint"):
+        load_checkpoint(tmp_path / "nothing")
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    model, optimizers = _trained_pair()
+    _save(tmp_path, 1, model, optimizers)
+    path = _save(tmp_path, 2, model, optimizers) / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PicochatError) as err:
+        load_checkpoint(tmp_path)
+    msg = str(err.value)
+    assert str(path) in msg and "truncated" in msg
+    assert "delete" in msg and "previous checkpoint (step 1)" in msg
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    model, optimizers = _trained_pair()
+    path = _save(tmp_path, 1, model, optimizers) / "optim.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # same size, one flipped byte inside a tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(PicochatError, match=r"optim\.safetensors is corrupt \(its sha256"):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path, load_optim=False).optim_state is None  # model alone still loads
+    (path.parent / "meta.json").write_text("{not json")
+    with pytest.raises(PicochatError, match=r"meta\.json cannot be read as JSON"):
+        load_checkpoint(tmp_path)
+
+
+def test_rng_state_roundtrip_through_json():
+    state = json.loads(json.dumps(capture_rng_state()))
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    restore_rng_state(state)
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert expected[:2] == got[:2] and torch.equal(expected[2], got[2])
+
+
+def _sharded_save_worker(rank: int, world_size: int, folder: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        shard = [{"state": {0: {"buf": torch.full((2,), float(rank))}}, "param_groups": []}]
+        model_state = {"w": torch.arange(3.0)} if rank == 0 else None
+        save_checkpoint(folder, 7, model_state, shard, {"x": 1}, rank_state={"rank": rank}, shard_optim=True)
+        ckpt = load_checkpoint(folder)
+        assert ckpt.meta["rank_state"] == {"rank": rank}
+        assert torch.equal(ckpt.optim_state[0]["state"][0]["buf"], torch.full((2,), float(rank)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_optimiser_state_is_saved_per_rank(tmp_path):
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_sharded_save_worker, args=(2, str(tmp_path), port), nprocs=2)
+    folder = step_dir(tmp_path, 7)
+    assert sorted(os.listdir(folder)) == [
+        "meta.json",
+        "model.safetensors",
+        "optim_rank000.safetensors",
+        "optim_rank001.safetensors",
+    ]
+    with pytest.raises(PicochatError, match="sharded over 2 ranks"):
+        load_checkpoint(tmp_path)  # a single process cannot take over a 2-rank optimiser state

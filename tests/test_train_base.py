@@ -1,0 +1,68 @@
+"""Base pretraining: the depth dial, the LR schedule, bits per byte, and real tiny training runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from picochat.common import PicochatError
+from picochat.evals.bpb import evaluate_bpb
+from picochat.train.base import batch_plan, build_parser, lr_multiplier, model_shape, muon_momentum
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_depth_dial_shapes():
+    assert model_shape(4, 64, 64) == {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_kv_head": 4}
+    assert model_shape(20, 64, 128) == {"n_layer": 20, "n_embd": 1280, "n_head": 10, "n_kv_head": 10}
+    assert model_shape(3, 50, 64)["n_embd"] == 192  # 150 rounded up to whole heads of 64
+    assert model_shape(4, 64, 64, n_kv_head=2)["n_kv_head"] == 2
+    with pytest.raises(PicochatError, match="must divide"):
+        model_shape(4, 64, 64, n_kv_head=3)
+
+
+def test_device_batch_only_changes_accumulation():
+    assert batch_plan(4096, 8, 512, 1) == (4096, 8, 1)
+    assert batch_plan(4096, 2, 512, 1) == (4096, 2, 4)
+    assert batch_plan(4096, 2, 512, 2) == (4096, 2, 2)
+    assert batch_plan(2**19, -1, 2048, 8) == (2**19, 32, 1)
+    with pytest.raises(PicochatError, match="multiple of max_seq_len"):
+        batch_plan(1000, 1, 512, 1)
+    with pytest.raises(PicochatError, match="--device-batch-size 3 must divide"):
+        batch_plan(4096, 3, 512, 1)
+
+
+def test_lr_schedule_warmup_constant_warmdown():
+    lrs = [lr_multiplier(s, 100, 0.1, 0.2, 0.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0  # linear warm-up over 10 steps
+    assert all(lr == 1.0 for lr in lrs[10:81])
+    assert lrs[90] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.05)  # linear warm-down
+    assert lr_multiplier(100, 100, 0.0, 0.2, 0.1) == pytest.approx(0.1)  # ends at final_lr_frac
+    assert (
+        muon_momentum(0) == 0.85 and muon_momentum(150) == pytest.approx(0.9) and muon_momentum(10**6) == 0.95
+    )
+
+
+def test_every_flag_has_help():
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings
+
+
+class _FixedLoss(torch.nn.Module):
+    """Per-token loss 1 + target/10 nats, nonzero on every token, to check the bpb arithmetic by hand."""
+
+    def forward(self, idx, targets, loss_reduction="mean"):
+        assert loss_reduction == "none"
+        return 1 + targets.float() / 10
+
+
+def test_bpb_excludes_special_tokens_by_hand():
+    token_bytes = torch.tensor([0, 1, 2, 3], dtype=torch.int32)  # token 0 is special: no bytes
+    targets = torch.tensor([[1, 0, 3], [2, -1, 0]])  # -1 is masked out
+    batches = iter([(torch.zeros_like(targets), targets)])
+    # Only tokens 1, 3 and 2 count: (1.1 + 1.3 + 1.2) nats over 1 + 3 + 2 bytes.
+    expected = 3.6 / (math.log(2) * 6)
+    assert evaluate_bpb(_FixedLoss(), batches, 1, token_bytes) == pytest.approx(expected)
