@@ -294,7 +294,9 @@ class _Unsupported(ValueError):
 def run_calculator(expression: str) -> str | None:
     """Evaluate a short Python expression like `48/2` or `"strawberry".count("r")`.
 
-    Returns what `print` would show (`24.0`, `3`), or None if the expression is not allowed or fails.
+    Returns the result as text, or None if the expression is not allowed or fails. A float with an
+    integral value is shown without its `.0` (`48/2` gives `24`), the way GSM8K's calculator annotations
+    write results, so tool outputs at inference look like the ones the model was trained on.
     """
     expression = expression.strip()
     if len(expression) > MAX_EXPRESSION_CHARS:
@@ -302,9 +304,12 @@ def run_calculator(expression: str) -> str | None:
     if re.fullmatch(r"[\d\s+\-*/%().,]*", expression):  # pure arithmetic: "1,000" means 1000
         expression = expression.replace(",", "")
     try:
-        return str(_evaluate(ast.parse(expression, mode="eval").body))
+        result = _evaluate(ast.parse(expression, mode="eval").body)
     except Exception:  # the contract is "None on any error", whatever the expression did
         return None
+    if isinstance(result, float) and result.is_integer() and abs(result) < 1e15:
+        return str(int(result))
+    return str(result)
 
 
 def _evaluate(node: ast.AST):

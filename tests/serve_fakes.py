@@ -15,6 +15,7 @@ import uvicorn
 from picochat.serve.backend import Delta, QueueFullError, SamplingParams
 
 LONG_WORDS = 400
+NOTICE = "oldest turns dropped to fit the context"
 
 
 def last_user_text(messages: list[dict]) -> str:
@@ -41,7 +42,7 @@ def scripted_reply(messages: list[dict], params: SamplingParams) -> list[tuple[s
             "Here is **bold**, *italic* and `inline code`.\n\n"
             "- first item\n- second item\n\n"
             "```python\nprint('hi')\n```\n\n"
-            "<script>window.hacked = 1</script> <img src=x onerror=\"window.hacked = 2\">"
+            '<script>window.hacked = 1</script> <img src=x onerror="window.hacked = 2">'
         )
         return [("text", line) for line in text.splitlines(keepends=True)]
     return [("text", word) for word in _spaced(echo_text(question, params.seed))]
@@ -59,8 +60,9 @@ def echo_text(question: str, seed: int | None = None) -> str:
 
 class FakeBackend:
     """Streams `scripted_reply` one token per `delay` seconds, with `slots` concurrent generations and
-    `max_queue` waiting ones; beyond that `generate` raises QueueFullError (as does a message containing
-    "busy"). Records every request and counts generations that were cancelled."""
+    `max_queue` waiting ones; beyond that `generate` raises QueueFullError. Keywords in the last user
+    message trigger the other paths: "busy" (queue full), "notice" (a notice on the first delta),
+    "explode" (an error after two tokens). Records every request and counts cancelled generations."""
 
     model_name = "fake-d4"
     max_context = 1024
@@ -78,7 +80,8 @@ class FakeBackend:
         return {"active": self.active, "queued": self.waiting}
 
     async def generate(self, messages: list[dict], params: SamplingParams):
-        if "busy" in last_user_text(messages) or self.active + self.waiting >= self.slots + self.max_queue:
+        question = last_user_text(messages)
+        if "busy" in question or self.active + self.waiting >= self.slots + self.max_queue:
             raise QueueFullError("the fake backend's queue is full", retry_after=2)
         self.requests.append((messages, params))
         self._slot_free = self._slot_free or asyncio.Condition()
@@ -87,18 +90,23 @@ class FakeBackend:
         self.waiting += 1
         holding_slot = False
         try:
+            yield Delta()  # accepted: lets the server answer 200 while this request waits for a slot
             async with self._slot_free:
                 await self._slot_free.wait_for(lambda: self.active < self.slots)
                 self.waiting -= 1
                 self.active += 1
                 holding_slot = True
-            for kind, text in tokens[: params.max_tokens]:
+            for i, (kind, text) in enumerate(tokens[: params.max_tokens]):
                 await asyncio.sleep(delay)
-                yield Delta(text=text, kind=kind)
+                if i == 2 and "explode" in question:
+                    raise RuntimeError("the fake model exploded")
+                yield Delta(text=text, kind=kind, notice=NOTICE if i == 0 and "notice" in question else None)
             finish = "length" if len(tokens) > params.max_tokens else "stop"
             prompt_tokens = sum(len(str(m["content"]).split()) for m in messages)
             yield Delta(
-                finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=min(len(tokens), params.max_tokens)
+                finish_reason=finish,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=min(len(tokens), params.max_tokens),
             )
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1

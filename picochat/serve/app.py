@@ -245,19 +245,19 @@ def create_app(backend: Backend, api_key: str | None = None, limits: Limits | No
             "created": int(time.time()),
             "model": backend.model_name,
         }
+        streaming = False
         try:
             if chat.stream:
                 await _unless_disconnected(request, gens.admit())
+                streaming = True  # from here on the response closes the generations when it ends
                 return _EventStream(gens, _stream(gens, builders, meta, chat))
             await _unless_disconnected(request, _drain(gens, builders))
+            return JSONResponse(_completion(builders, meta))
         except ClientGone:
-            await gens.close()
-            return Response(status_code=499)
-        except BaseException:
-            await gens.close()
-            raise
-        await gens.close()
-        return JSONResponse(_completion(builders, meta))
+            return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+        finally:
+            if not streaming:
+                await gens.close()
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -381,11 +381,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         help="which stage's checkpoint to load",
     )
     parser.add_argument(
-        "--model-tag", default=None, help="checkpoint model tag, e.g. d4 (default: the largest)"
+        "--model-tag", default=None, help="checkpoint model tag, e.g. d4 (default: the deepest d<N>)"
     )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument(
-        "--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="device (default: autodetect)"
+        "--device-type", default="", choices=["cuda", "cpu", "mps"], help="device (default: autodetect)"
     )
     parser.add_argument("--max-batch-size", type=_positive_int, default=8, help="sequences decoded together")
     parser.add_argument(
@@ -435,7 +435,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     import uvicorn
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # On Ctrl-C, streams still open after 5 s are cancelled, which frees their batch slots.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 
 

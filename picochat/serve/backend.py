@@ -10,17 +10,25 @@ tests use a small fake. A backend must follow these rules:
   leading system message, then user/assistant turns alternating and ending with a user turn; user
   and system content is a `str`, assistant content a `str` or a list of parts
   (`{"type": "text" | "python" | "python_output", "text": ...}`).
+- `generate` is called, and its iterator consumed, in the server's asyncio event loop: never block it
+  (run the model in a thread or executor and hand tokens over, e.g. with `loop.call_soon_threadsafe`).
+- `params.max_tokens` is already capped at min(limit, max_context). Fitting prompt + reply into
+  `max_context` is the backend's job (e.g. drop the oldest turns and say so in a `notice`).
 - Deltas carry the reply in order. Tool calls are deltas of kind "python" (the code the model writes,
   streamed token by token) followed by "python_output" (the calculator's result).
 - The last delta has `finish_reason` set ("stop" at `<|assistant_end|>`, "length" at max_tokens or the
   context limit) and should carry the token counts; its `text` may be empty. Nothing follows it.
 - Admission: raise `QueueFullError` (or `ShuttingDownError`) either when `generate` is called or from
   the first `__anext__`, before yielding anything. The server waits for the first delta (or that error)
-  before it sends the HTTP status, so a full queue becomes a clean 429 and shutdown a 503.
+  before it sends the HTTP status, so a full queue becomes a clean 429 and shutdown a 503. Yield an
+  empty `Delta()` as soon as a request is accepted into the queue, so its client gets the 200 at once.
 - Cancellation: when the client disconnects, or a stop sequence matched, the server cancels the task
   iterating the generator (`asyncio.CancelledError` is raised at the generator's current `await`) and
   then calls `aclose()` (`GeneratorExit` if it is suspended at a `yield`). Free the batch slot in a
   `finally:` block so both paths release it.
+
+`picochat serve` builds the real backend with `ContinuousBatchingBackend.from_checkpoint(source=...,
+model_tag=..., step=..., device_type=..., max_batch_size=..., max_queue=...)` (keyword arguments).
 
 Optional hooks, used when present: `stats() -> dict` (merged into `GET /health`, e.g. `{"active": 3,
 "queued": 1}`); `async start()` / `async stop()`, awaited in the server's event loop at startup and

@@ -241,7 +241,7 @@ def _check_turn_order(messages: list[dict]) -> None:
         )
 
 
-def split_tool_fences(text: str) -> str | list[dict]:
+def split_tool_fences(text: str) -> list[dict]:
     """Undo the tool-call fences of `ChoiceBuilder`: a reply string back into conversation parts."""
     parts, pos = [], 0
     for match in _FENCE_RE.finditer(text):
@@ -249,9 +249,7 @@ def split_tool_fences(text: str) -> str | list[dict]:
             parts.append({"type": "text", "text": text[pos : match.start()]})
         parts.append({"type": _FENCE_KIND[match.group(1)], "text": match.group(2)})
         pos = match.end()
-    if not parts:
-        return text
-    if pos < len(text):
+    if pos < len(text) or not parts:
         parts.append({"type": "text", "text": text[pos:]})
     return parts
 
