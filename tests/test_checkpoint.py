@@ -176,3 +176,32 @@ def test_sharded_optimiser_state_is_saved_per_rank(tmp_path):
     ]
     with pytest.raises(PicochatError, match="sharded over 2 ranks"):
         load_checkpoint(tmp_path)  # a single process cannot take over a 2-rank optimiser state
+
+
+def test_load_model_rebuilds_the_deepest_tag(tmp_path, monkeypatch):
+    from picochat.checkpoint import checkpoint_dir_for, load_model
+    from picochat.gpt import GPT, GPTConfig
+    from picochat.tokenizer import Tokenizer, tokenizer_dir
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    tokenizer = Tokenizer.train_from_iterator(["hello world, the quick brown fox"] * 20, 300)
+    tokenizer.save(tokenizer_dir())
+    vocab = tokenizer.get_vocab_size()
+    models = {}
+    for tag, seed in (("d2", 0), ("d10", 1)):  # d10 must win over d2 (numeric, not string order)
+        torch.manual_seed(seed)
+        config = GPTConfig(sequence_len=16, vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+        models[tag] = GPT(config)
+        models[tag].init_weights()
+        torch.nn.init.normal_(models[tag].lm_head.weight)  # so the two models' logits differ
+        meta = {"model_config": {k: getattr(config, k) for k in config.__dataclass_fields__}}
+        save_checkpoint(checkpoint_dir_for("base", tag), 5, models[tag].state_dict(), None, meta)
+
+    model, tok, meta = load_model("base", device="cpu")
+    assert meta["step"] == 5 and not model.training and tok.get_vocab_size() == vocab
+    idx = torch.tensor([tokenizer.encode("hello fox")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), models["d10"](idx))
+    assert load_model("base", "d2", phase="train")[0].training
+    with pytest.raises(PicochatError, match="no sft checkpoints"):
+        load_model("sft")

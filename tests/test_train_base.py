@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
+from picochat.common import REPO_DIR as REPO
 from picochat.common import PicochatError
 from picochat.evals.bpb import evaluate_bpb
 from picochat.train.base import batch_plan, build_parser, lr_multiplier, model_shape, muon_momentum
@@ -66,3 +73,23 @@ def test_bpb_excludes_special_tokens_by_hand():
     # Only tokens 1, 3 and 2 count: (1.1 + 1.3 + 1.2) nats over 1 + 3 + 2 bytes.
     expected = 3.6 / (math.log(2) * 6)
     assert evaluate_bpb(_FixedLoss(), batches, 1, token_bytes) == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed: two processes take one micro-batch each = one process accumulating both
+
+
+def test_two_processes_match_one_with_accumulation(tmp_path):
+    worker = Path(__file__).with_name("ddp_steps_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    single, double = tmp_path / "single.safetensors", tmp_path / "double.safetensors"
+    subprocess.run([sys.executable, str(worker), str(single)], check=True, env=env, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run([*torchrun, str(worker), str(double)], check=True, env=env, timeout=300)
+
+    with safe_open(single, "pt") as a, safe_open(double, "pt") as b:
+        losses_a, losses_b = json.loads(a.metadata()["losses"]), json.loads(b.metadata()["losses"])
+        assert losses_a == pytest.approx(losses_b, rel=1e-5)
+        assert losses_a[-1] < losses_a[0]
+        for name in a.keys():
+            torch.testing.assert_close(a.get_tensor(name), b.get_tensor(name), rtol=1e-4, atol=1e-5)

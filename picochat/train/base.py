@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from picochat.checkpoint import (
@@ -59,6 +60,7 @@ from picochat.common import (
     synchronize,
 )
 from picochat.evals.bpb import evaluate_bpb
+from picochat.optim import Muon
 from picochat.report import record
 
 # Batch-size rule: nanochat's d12 reference at a Chinchilla horizon uses 2^19 tokens per step.
@@ -156,7 +158,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=42, help="random seed of the initial weights")
     e = p.add_argument_group("evaluation, logging and checkpoints")
     e.add_argument("--eval-every", type=int, default=100, help="validation bpb every N steps (0 = end only)")
-    e.add_argument("--eval-tokens", type=int, default=-1, help="validation tokens per eval; -1 = 20 batches")
+    e.add_argument("--eval-tokens", type=int, default=-1, help="validation tokens per eval; -1 = 10 total batches")
     e.add_argument("--sample-every", type=int, default=200, help="print samples every N steps (0 = end only)")
     e.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0 = end only)")
     e.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0 = all)")
@@ -294,39 +296,42 @@ def train_step(
     grad_clip: float,
     autocast: Any,
 ) -> float:
-    """Accumulate gradients over `grad_accum` batches, sync them across ranks, step; return the mean loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss_sum = torch.zeros((), device=params[0].device)
-    for _ in range(grad_accum):
+    """Accumulate gradients over `grad_accum` batches, clip, step every optimiser; return the mean loss.
+
+    When distributed, `model` is wrapped in DistributedDataParallel (see `wrap_model`): it averages the
+    gradients over ranks during the last micro-batch's backward (overlapped with it), so every rank
+    steps with the same gradients, as picochat.optim expects. The returned loss is averaged over ranks.
+    """
+    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    for micro in range(grad_accum):
         inputs, targets = next(batches)
-        with autocast:
-            loss = model(inputs, targets)
-        (loss / grad_accum).backward()
+        skip_sync = isinstance(model, DDP) and micro < grad_accum - 1
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
+            with autocast:
+                loss = model(inputs, targets)
+            (loss / grad_accum).backward()
         loss_sum += loss.detach()
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    if world_size > 1:
-        all_reduce_mean([p.grad for p in params if p.grad is not None] + [loss_sum], world_size)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= dist.get_world_size()
+    params = [p for p in model.parameters() if p.grad is not None]
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_mult
-            if "momentum" in group and "Muon" in type(opt).__name__:
+            if isinstance(opt, Muon):
                 group["momentum"] = momentum
         opt.step()
     model.zero_grad(set_to_none=True)
     return loss_sum.item() / grad_accum
 
 
-def all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
-    """Average tensors over ranks in one flat buffer (SUM + divide: gloo has no AVG)."""
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+def wrap_model(model: torch.nn.Module, world_size: int, compile_model: bool) -> torch.nn.Module:
+    """The module the loop calls: DDP when distributed, then torch.compile if asked."""
+    if world_size > 1:
+        model = DDP(model)
+    return torch.compile(model, dynamic=False) if compile_model else model
 
 
 @torch.no_grad()
@@ -391,7 +396,7 @@ def make_plan(
         total = max(1, round(default_total_batch(target_tokens, ref_tokens, device_type) / unit)) * unit
     total, device_batch, grad_accum = batch_plan(total, args.device_batch_size, seq_len, world_size)
     num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, int(target_tokens // total))
-    eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 20 * total
+    eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 10 * total
     return Plan(
         total_batch_size=total,
         device_batch_size=device_batch,
@@ -499,7 +504,7 @@ class BaseTrainer:
             loader_state,
         )
         self.batches = iter(self.train_loader)
-        self.compiled = torch.compile(self.model, dynamic=False) if self.use_compile else self.model
+        self.train_model = wrap_model(self.model, world_size, self.use_compile)
         self.wandb = _init_wandb(args, rank, {**vars(args), **dataclasses.asdict(self.plan)})
         self.samples: list[str] = []
         self.mfus: list[float] = []
@@ -597,7 +602,7 @@ class BaseTrainer:
             (
                 "eval_tokens",
                 plan.eval_steps * plan.device_batch_size * args.max_seq_len * self.world_size,
-                _how(args, "eval_tokens", -1, "20 * total batch"),
+                _how(args, "eval_tokens", -1, "10 * total batch"),
             ),
         ]
         rows += [
@@ -666,7 +671,7 @@ class BaseTrainer:
             state.step, state.horizon, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac
         )
         loss = train_step(
-            self.compiled,
+            self.train_model,
             self.optimizers,
             self.batches,
             self.plan.grad_accum_steps,
@@ -714,10 +719,10 @@ class BaseTrainer:
             self.world_size,
             None,
         )
-        self.compiled.eval()
+        self.train_model.eval()
         with self.autocast():
-            bpb = evaluate_bpb(self.compiled, iter(val_loader), self.plan.eval_steps, self.token_bytes)
-        self.compiled.train()
+            bpb = evaluate_bpb(self.train_model, iter(val_loader), self.plan.eval_steps, self.token_bytes)
+        self.train_model.train()
         self.state.last_val_bpb, self.state.min_val_bpb = bpb, min(self.state.min_val_bpb, bpb)
         if self.rank == 0:
             tqdm.write(f"step {self.state.step:6d} | val bpb {bpb:.4f}")

@@ -1,0 +1,149 @@
+"""Optimisers for the GPT: Muon for the 2-D weight matrices of the transformer blocks, AdamW for the rest.
+
+Muon ("MomentUm Orthogonalized by Newton-Schulz", Keller Jordan 2024) keeps an SGD momentum buffer per
+matrix and, instead of stepping along the (Nesterov) momentum M itself, steps along the closest
+semi-orthogonal matrix U V^T (M = U S V^T): every singular direction moves by the same amount, so
+the rare directions that plain SGD/Adam under-train get as much update as the dominant ones. U V^T is
+approximated with a few iterations of a quintic Newton-Schulz polynomial (`orthogonalize`), which
+needs only matmuls. The update is scaled by sqrt(max(1, rows / cols)) so tall matrices (the MLP's
+input projection) move as much per element as square ones.
+Embeddings, the lm_head (and any scalar or vector parameters) are not hidden-layer matrices in this
+sense and use AdamW.
+
+Distributed design (torch.distributed initialised, e.g. under torchrun):
+  - The trainer all-reduces (averages) every gradient before `step()`, so all ranks see the same
+    gradients and hold the same weights and optimiser state.
+  - Every rank updates every Muon momentum buffer (cheap elementwise work) so the state stays
+    replicated: checkpoints hold one optimiser state that resumes on any number of ranks
+    (`sharded_state = False`).
+  - The expensive part, Newton-Schulz, is split: parameters are grouped by shape; within a group of
+    n matrices rank r orthogonalises the r-th contiguous block of ceil(n / world) of them as one
+    batched tensor, then one `all_gather` per group gives every rank all n updates, which every rank
+    applies identically. The result equals the single-process update.
+  - AdamW is elementwise and cheap: each rank runs it on the (already averaged) gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+# Quintic Newton-Schulz coefficients (Keller Jordan): maximal slope at 0, so small singular values
+# grow fast; the iteration then settles singular values in roughly [0.7, 1.2], which is enough.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+
+def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T, batched over leading dimensions (..., rows, cols).
+
+    Each iteration maps every singular value s to a*s + b*s^3 + c*s^5 while keeping the singular
+    vectors. Starting below 1 (after dividing by the Frobenius norm), this pushes all of them near 1.
+    Runs in bf16 on GPUs (fast and accurate enough) and fp32 elsewhere (bf16 matmuls are slow on CPU).
+    """
+    a, b, c = NS_COEFFS
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the wide orientation: the X X^T products are then the small ones
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = b * gram + c * (gram @ gram)
+        x = a * x + poly @ x
+    return x.mT if tall else x
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world_size), or (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters, with Newton-Schulz split across ranks when distributed.
+
+    Parameters are put in one param group per shape (sorted, so every rank builds the same groups);
+    each group has lr, momentum and nesterov. State per parameter: "momentum_buffer".
+    """
+
+    sharded_state = False  # every rank holds the full state (see the module docstring)
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = NS_STEPS,
+    ) -> None:
+        params = list(params)
+        for p in params:
+            if p.ndim != 2:
+                raise ValueError(f"Muon only handles 2-D matrices, got a parameter of shape {tuple(p.shape)}")
+        shapes = sorted({tuple(p.shape) for p in params})
+        groups = [{"params": [p for p in params if tuple(p.shape) == shape]} for shape in shapes]
+        super().__init__(groups, {"lr": lr, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        rank, world = _world()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:  # the same on every rank: gradients were all-reduced
+                continue
+            directions = [self._momentum_direction(p, group) for p in params]
+            per_rank = math.ceil(len(params) / world)
+            mine = directions[rank * per_rank : (rank + 1) * per_rank]
+            rows, cols = params[0].shape
+            out = torch.zeros(per_rank, rows, cols, device=params[0].device, dtype=directions[0].dtype)
+            if mine:
+                out[: len(mine)] = orthogonalize(torch.stack(mine), group["ns_steps"]).to(out.dtype)
+            if world > 1:
+                gathered = [torch.empty_like(out) for _ in range(world)]
+                dist.all_gather(gathered, out)
+                out = torch.cat(gathered)
+            scale = math.sqrt(max(1.0, rows / cols))
+            for p, update in zip(params, out, strict=False):  # out may have padding rows at the end
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+
+    def _momentum_direction(self, p: torch.nn.Parameter, group: dict) -> torch.Tensor:
+        """Update p's momentum buffer with its gradient; return the (Nesterov) direction to orthogonalise."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - group["momentum"])  # buf = momentum * buf + (1 - momentum) * grad
+        if group["nesterov"]:
+            return p.grad.lerp(buf, group["momentum"])
+        return buf
+
+
+def build_optimizers(
+    adam_groups: list[tuple[list[torch.nn.Parameter], float]],
+    muon_params: list[torch.nn.Parameter],
+    matrix_lr: float,
+    weight_decay: float = 0.0,
+    adam_betas: tuple[float, float] = (0.8, 0.95),
+) -> list[torch.optim.Optimizer]:
+    """[AdamW over `adam_groups` ((params, lr) pairs), Muon over `muon_params` at `matrix_lr`].
+
+    `weight_decay` applies to the AdamW groups. Every param group gets `initial_lr` = its lr, which the
+    trainer multiplies by its schedule each step.
+    """
+    adamw = torch.optim.AdamW(
+        [{"params": params, "lr": lr} for params, lr in adam_groups],
+        betas=adam_betas,
+        eps=1e-10,
+        weight_decay=weight_decay,
+    )
+    muon = Muon(muon_params, lr=matrix_lr)
+    optimizers: list[torch.optim.Optimizer] = [adamw, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
