@@ -10,7 +10,6 @@ from picochat.tasks.base import (
     TaskMixture,
     TaskSequence,
     categorical_choice,
-    check_conversation,
     letter_token_ids,
 )
 from picochat.tasks.gsm8k import GSM8K
@@ -22,5 +21,5 @@ from picochat.tasks.spelling import SimpleSpelling, SpellingBee
 
 __all__ = [
     "ARC", "GSM8K", "MMLU", "HumanEval", "Identity", "SimpleSpelling", "SmolTalk", "SpellingBee", "Task",
-    "TaskMixture", "TaskSequence", "categorical_choice", "check_conversation", "letter_token_ids",
+    "TaskMixture", "TaskSequence", "categorical_choice", "letter_token_ids",
 ]  # fmt: skip

@@ -35,7 +35,6 @@ import torch
 from picochat.common import PicochatError
 
 Conversation = dict[str, Any]
-PART_TYPES = ("text", "python", "python_output")
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -143,38 +142,6 @@ def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[int]:
             )
         ids.append(encoded[0])
     return ids
-
-
-def check_conversation(conversation: Conversation) -> None:
-    """Raise PicochatError unless `conversation` follows the format of docs/architecture.md."""
-    messages = conversation.get("messages") if isinstance(conversation, dict) else None
-    if not isinstance(messages, list) or not messages:
-        raise PicochatError("a conversation needs a non-empty 'messages' list")
-    if messages[0].get("role") == "system":
-        if not isinstance(messages[0].get("content"), str):
-            raise PicochatError("the system message content must be a string")
-        messages = messages[1:]
-    for i, message in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if not isinstance(message, dict) or message.get("role") != expected:
-            raise PicochatError(
-                f"message {i} is {message!r:.80}, expected a {expected!r} message "
-                "(user and assistant must alternate, starting with user)"
-            )
-        content = message.get("content")
-        if expected == "assistant" and isinstance(content, list):
-            for part in content:
-                if (
-                    not isinstance(part, dict)
-                    or part.get("type") not in PART_TYPES
-                    or not isinstance(part.get("text"), str)
-                ):
-                    raise PicochatError(f"bad assistant part {part!r}: need type in {PART_TYPES} and a text")
-        elif not isinstance(content, str):
-            raise PicochatError(
-                f"message {i} ({expected}) content must be a string"
-                + (" or a list of parts" if expected == "assistant" else "")
-            )
 
 
 def assistant_text(message: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from picochat.tasks.base import Conversation, Task, assistant_text
@@ -36,7 +37,7 @@ class GSM8K(Task):
         self.source = check_source(source)
 
     @functools.cached_property
-    def rows(self):
+    def rows(self) -> Sequence[dict[str, Any]]:
         if self.source == "hub":
             return hub_rows("openai/gsm8k", (f"main/{self.split}-00000-of-00001.parquet",))
         return bundled_rows(f"eval/gsm8k/{self.split}.jsonl.gz")

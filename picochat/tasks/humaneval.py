@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from picochat.tasks.base import Conversation, Task
@@ -29,7 +30,7 @@ class HumanEval(Task):
         self.timeout = timeout  # seconds per program, interpreter start-up included
 
     @functools.cached_property
-    def rows(self):
+    def rows(self) -> Sequence[dict[str, Any]]:
         if self.source == "hub":
             return hub_rows("openai/openai_humaneval", ("openai_humaneval/test-00000-of-00001.parquet",))
         return bundled_rows("eval/humaneval/HumanEval.jsonl.gz")

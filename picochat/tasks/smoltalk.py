@@ -9,6 +9,7 @@ file has no splits, so every 10th conversation is held out as "test" and the res
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 from picochat.tasks.base import Conversation, Task
@@ -31,7 +32,7 @@ class SmolTalk(Task):
         self.source = check_source(source)
 
     @functools.cached_property
-    def rows(self):
+    def rows(self) -> Sequence[dict[str, Any]]:
         if self.source == "hub":
             return hub_rows("HuggingFaceTB/smol-smoltalk", HUB_FILES[self.split])
         rows = bundled_rows("chat/chatterbot_corpus_english.jsonl.gz")
