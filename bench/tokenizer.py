@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from picochat.common import run_cli
+from picochat.dataset import iter_documents
 from picochat.tokenizer import Tokenizer
-from picochat.train.tokenizer import capped_texts, iter_corpus_documents, positive_count
+from picochat.train.tokenizer import capped_texts, positive_count
 
 T = TypeVar("T")
 
@@ -30,7 +31,7 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
 def corpus(max_chars: int | None, doc_cap: int) -> list[str]:
     """Training documents of the bundled corpus, each cut to `doc_cap` characters, `max_chars` in total."""
     stats = {"documents": 0, "chars": 0}
-    return list(capped_texts(iter_corpus_documents("train", "bundled"), doc_cap, max_chars, stats))
+    return list(capped_texts(iter_documents("train", "bundled"), doc_cap, max_chars, stats))
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -296,7 +296,8 @@ def run_calculator(expression: str) -> str | None:
 
     Returns the result as text, or None if the expression is not allowed or fails. A float with an
     integral value is shown without its `.0` (`48/2` gives `24`), the way GSM8K's calculator annotations
-    write results, and floats are rounded to 12 significant digits, so tool outputs at inference look like the ones the model was trained on.
+    write results, and floats are rounded to 12 significant digits, so tool outputs at inference look
+    like the ones the model was trained on.
     """
     expression = expression.strip()
     if len(expression) > MAX_EXPRESSION_CHARS:

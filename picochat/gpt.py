@@ -28,13 +28,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Rows of tokens per chunk of the fused loss: (chunk x vocab) fp32 logits stay cache-sized.
-LOSS_CHUNK_TOKENS = 256
+# Logit elements per chunk of the fused loss. On CPU a (chunk x vocab) fp32 block of 32 MB stays in
+# cache (256 tokens at vocab 32768); accelerators want bigger blocks to amortise kernel launches.
+LOSS_CHUNK_ELEMENTS = {"cpu": 2**23}
+LOSS_CHUNK_ELEMENTS_DEFAULT = 2**27
 
 
 @dataclass
 class GPTConfig:
-    """Model shape. The defaults are NanoChat d12 as published in transformers (vocab padded to 50304)."""
+    """Model shape and the few architecture constants (defaults: a 12-layer NanoChat)."""
 
     sequence_len: int = 2048  # training context; the rotary table covers ROTARY_HEADROOM times this
     vocab_size: int = 50304
@@ -70,7 +72,9 @@ def norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),), eps=eps)
 
 
-def rotary_tables(seq_len: int, head_dim: int, theta: float, device: Any = None) -> tuple[torch.Tensor, ...]:
+def rotary_tables(
+    seq_len: int, head_dim: int, theta: float, device: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos and sin of shape (seq_len, head_dim // 2): the angle of each position and frequency."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
@@ -137,16 +141,18 @@ class KVCache:
         else:
             self.pos[rows] = 0
 
-    def positions(self, num_tokens: int) -> torch.Tensor:
-        """Positions (B, T) that the next `num_tokens` tokens of each row will occupy."""
-        longest = int(self.pos.max()) + num_tokens
-        if longest > self.max_len:
+    def next_positions(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (B, T) the next `num_tokens` tokens of each row take, and the attention mask
+        (B, 1, T, span) letting each of them see its row's cached tokens and itself, not later ones."""
+        span = int(self.pos.max()) + num_tokens
+        if span > self.max_len:
             raise ValueError(
-                f"KV cache overflow: {longest} tokens do not fit in max_len {self.max_len}; "
+                f"KV cache overflow: {span} tokens do not fit in max_len {self.max_len}; "
                 "make the cache longer or generate fewer tokens"
             )
-        steps = torch.arange(num_tokens, device=self.pos.device)
-        return self.pos[:, None] + steps
+        positions = self.pos[:, None] + torch.arange(num_tokens, device=self.pos.device)
+        keys = torch.arange(span, device=self.pos.device)
+        return positions, (keys[None, None, :] <= positions[:, :, None])[:, None]
 
     def store(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, span: int
@@ -239,30 +245,52 @@ def softcap_cross_entropy(
     the summed loss with respect to h and weight, computed here and now: the loss ends the graph, so
     its gradient is known up to the incoming scalar factor. Per counted token:
         dL/dz = (softmax(logits) - onehot(target)) * (1 - tanh^2),   z = h @ weight^T
-    Working on LOSS_CHUNK_TOKENS rows at a time keeps each chunk's logits in cache and never stores
-    the (N x vocab) tensors. Matmuls follow autocast (bf16 on GPU); the elementwise math is fp32.
+    Working on a chunk of rows at a time (LOSS_CHUNK_ELEMENTS) in two reused buffers keeps the
+    logits in cache, avoids the page faults of fresh large allocations, and never stores (N x vocab)
+    tensors. Matmuls run in the autocast dtype when autocast is on (bf16 on GPU); the rest is fp32.
     """
-    losses = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
-    grad_h = torch.empty_like(h) if with_grads else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if with_grads else None
-    for start in range(0, h.size(0), LOSS_CHUNK_TOKENS):
-        rows = slice(start, start + LOSS_CHUNK_TOKENS)
-        hc, tc = h[rows], targets[rows]
-        valid = (tc >= 0)[:, None]
-        safe_t = tc.clamp(min=0)[:, None]
-        t = torch.tanh((hc @ weight.t()).float().mul_(1.0 / softcap))  # (n, V) in [-1, 1]
-        # |logits| <= softcap, so exp() needs no max-subtraction (GPTConfig bounds softcap).
-        e = t.mul(softcap).exp_()
-        sum_e = e.sum(dim=1, keepdim=True)
-        target_logit = t.gather(1, safe_t) * softcap
-        losses[rows] = torch.where(valid, sum_e.log() - target_logit, 0.0).squeeze(1)
-        if with_grads:
-            g = e.div_(sum_e)  # softmax
-            g.scatter_add_(1, safe_t, -valid.to(g.dtype))
-            g.mul_(valid).mul_(t.square_().neg_().add_(1.0))
-            grad_h[rows] = (g @ weight.to(g.dtype)).to(h.dtype)
-            grad_w += (g.t() @ hc.to(g.dtype)).float()
-    return losses, grad_h, grad_w
+    device, (n_tok, vocab) = h.device, (h.size(0), weight.size(0))
+    autocast_on = torch.is_autocast_enabled(device.type)
+    mm_dtype = torch.get_autocast_dtype(device.type) if autocast_on else weight.dtype
+    budget = LOSS_CHUNK_ELEMENTS.get(device.type, LOSS_CHUNK_ELEMENTS_DEFAULT)
+    chunk = max(1, min(budget // vocab, n_tok))
+    t_buf = torch.empty(chunk, vocab, dtype=torch.float32, device=device)  # tanh(z / softcap)
+    z_buf = t_buf if mm_dtype == torch.float32 else torch.empty(chunk, vocab, dtype=mm_dtype, device=device)
+    e_buf = torch.empty(chunk, vocab, dtype=torch.float32, device=device)  # exp(logits), then dL/dz
+    minus_one = torch.full((chunk, 1), -1.0, device=device)
+    w = weight.to(mm_dtype)
+    valid = targets >= 0
+    safe_targets = targets.clamp(min=0)[:, None]
+    any_ignored = not bool(valid.all())
+    losses = torch.empty(n_tok, dtype=torch.float32, device=device)
+    grad_h = torch.empty(h.shape, dtype=mm_dtype, device=device) if with_grads else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if with_grads else None
+    with torch.autocast(device.type, enabled=False):
+        for start in range(0, n_tok, chunk):
+            rows = slice(start, min(start + chunk, n_tok))
+            hc, tc = h[rows].to(mm_dtype), safe_targets[rows]
+            m = hc.size(0)
+            z, t, e = z_buf[:m], t_buf[:m], e_buf[:m]
+            torch.addmm(z, hc, w.t(), beta=0, alpha=1.0 / softcap, out=z)
+            torch.tanh(z, out=t)
+            # |logits| <= softcap, so exp() needs no max-subtraction (GPTConfig bounds softcap).
+            torch.mul(t, softcap, out=e).exp_()
+            sum_e = e.sum(dim=1, keepdim=True)
+            losses[rows] = (sum_e.log() - softcap * t.gather(1, tc)).squeeze(1)
+            if not with_grads:
+                continue
+            g = e.div_(sum_e).scatter_add_(1, tc, minus_one[:m])  # softmax - onehot
+            g.addcmul_(g, t.square_(), value=-1.0)  # times the soft-cap's derivative 1 - t^2
+            if any_ignored:
+                g.masked_fill_(~valid[rows, None], 0.0)
+            g_mm = g.to(mm_dtype)
+            torch.mm(g_mm, w, out=grad_h[rows])
+            if grad_w.dtype == mm_dtype:
+                grad_w.addmm_(g_mm.t(), hc)
+            else:
+                grad_w += (g_mm.t() @ hc).float()
+    losses.masked_fill_(~valid, 0.0)
+    return losses, grad_h.to(h.dtype) if with_grads else None, grad_w
 
 
 class _SoftcapCrossEntropySum(torch.autograd.Function):
@@ -348,22 +376,17 @@ class GPT(nn.Module):
         tokens), "sum", or "none" (per-token losses (B, T), 0 at ignored tokens). With a `kv_cache`
         the T tokens of every row are appended at that row's position and attend to its cached tokens.
         """
-        B, T = idx.shape
+        T = idx.size(1)
         if kv_cache is None:
             if T > self.cos.size(0):
-                raise ValueError(
-                    f"sequence of {T} tokens is longer than the rotary table ({self.cos.size(0)})"
-                )
+                raise ValueError(f"{T} tokens exceed the rotary table ({self.cos.size(0)} positions)")
             rotary = (self.cos[None, :T, None], self.sin[None, :T, None])
             cache = None
         else:
-            positions = kv_cache.positions(T)  # (B, T): each row continues from its own length
-            if int(positions.max()) >= self.cos.size(0):
-                raise ValueError(f"position beyond the rotary table ({self.cos.size(0)} positions)")
+            if kv_cache.max_len > self.cos.size(0):
+                raise ValueError(f"KV cache max_len exceeds the rotary table ({self.cos.size(0)} positions)")
+            positions, mask = kv_cache.next_positions(T)  # each row continues from its own length
             rotary = (self.cos[positions][:, :, None], self.sin[positions][:, :, None])
-            span = int(positions.max()) + 1
-            keys = torch.arange(span, device=idx.device)
-            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span)
             cache = (kv_cache, positions, mask)
 
         x = norm(self.transformer.wte(idx), self.config.norm_eps)
@@ -372,12 +395,13 @@ class GPT(nn.Module):
         x = norm(x, self.config.norm_eps)
         if kv_cache is not None:
             kv_cache.advance(T)
+        return self._logits(x) if targets is None else self._loss(x, targets, loss_reduction)
 
-        if targets is None:
-            logits = self.lm_head(x).float()
-            return self.config.softcap * torch.tanh(logits / self.config.softcap)
-        return self._loss(x, targets, loss_reduction)
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        softcap = self.config.softcap
+        return softcap * torch.tanh(self.lm_head(x).float() / softcap)
 
+    @torch.compiler.disable  # a chunk loop with out= buffers: left eager when the model is compiled
     def _loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
@@ -386,8 +410,8 @@ class GPT(nn.Module):
         differentiable = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
         if reduction == "none" and differentiable:
             # Per-token losses with arbitrary upstream gradients (e.g. RL advantages): plain autograd.
-            logits = softcap * torch.tanh(self.lm_head(x).float() / softcap)
-            losses = F.cross_entropy(logits.flatten(0, 1), flat_targets, ignore_index=-1, reduction="none")
+            logits = self._logits(x).flatten(0, 1)
+            losses = F.cross_entropy(logits, flat_targets, ignore_index=-1, reduction="none")
             return losses.view(targets.shape)
         if differentiable:
             total = _SoftcapCrossEntropySum.apply(h, weight, flat_targets, softcap)
@@ -433,7 +457,11 @@ class GPT(nn.Module):
 
 
 def hf_config(config: GPTConfig) -> dict[str, Any]:
-    """Keyword arguments of transformers' `NanoChatConfig` describing the same model."""
+    """Keyword arguments of transformers' `NanoChatConfig` describing the same model.
+
+    An exporter adds the tokenizer's bos_token_id / eos_token_id / pad_token_id. Rotary tables are not
+    weights: transformers recomputes them from rope_theta (same frequencies, same half-split pairing).
+    """
     return {
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,

@@ -67,9 +67,10 @@ def test_loss_falls_in_30_steps():
     assert losses[-1] < 0.3 * losses[0], losses
 
 
-@pytest.mark.parametrize("chunk", [8, 1000])
-def test_fused_loss_and_gradients_match_plain_autograd(monkeypatch, chunk):
-    monkeypatch.setattr(gpt, "LOSS_CHUNK_TOKENS", chunk)  # 8: many chunks and a ragged last one
+@pytest.mark.parametrize("chunk_tokens", [8, 1000])
+def test_fused_loss_and_gradients_match_plain_autograd(monkeypatch, chunk_tokens):
+    # 8 tokens per chunk: many chunks and a ragged last one; 1000: a single chunk
+    monkeypatch.setitem(gpt.LOSS_CHUNK_ELEMENTS, "cpu", chunk_tokens * VOCAB)
     model = random_model(tiny_config())
     rows = learnable_batch(3, 13, seed=1)
     x, y = rows[:, :-1], rows[:, 1:].clone()

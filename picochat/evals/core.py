@@ -401,7 +401,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="tokens per split for bits per byte; -1 = 20 * 2^19 on CUDA, 2^16 elsewhere",
     )
     p.add_argument("--device-batch-size", type=int, default=8, help="rows per forward pass for bits per byte")
-    p.add_argument("--data-source", default=None, help="pretraining data source for bits per byte")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="pretraining shards for bits per byte: bundled (default), hub or a folder",
+    )
     p.add_argument("--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
     return p
 
@@ -462,7 +466,7 @@ def _bpb_and_samples(model: Any, tokenizer: Any, device: torch.device, args: arg
             seq_len,
             split,
             device,
-            args.data_source,
+            args.source,
             get_rank(),
             world_size,
             None,

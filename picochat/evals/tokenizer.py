@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from picochat.common import DATA_DIR, PicochatError, run_cli
+from picochat.dataset import iter_documents
 from picochat.report import record
 from picochat.tokenizer import MIN_VOCAB_SIZE, Tokenizer, get_tokenizer
-from picochat.train.tokenizer import add_corpus_args, iter_corpus_documents, train_on_corpus
+from picochat.train.tokenizer import add_corpus_args, train_on_corpus
 
 
 def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for size in args.compare_vocab_sizes:
         if size not in tokenizers:
             tokenizers[size], _ = train_on_corpus(args, size)
-    texts = {"val-shard": list(iter_corpus_documents("val", args.source))}
+    texts = {"val-shard": list(iter_documents("val", args.source))}
     texts.update({name: eval_texts(name, args.max_examples) for name in EVAL_SETS})
 
     rows: dict[str, dict[str, Any]] = {}

@@ -158,7 +158,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=42, help="random seed of the initial weights")
     e = p.add_argument_group("evaluation, logging and checkpoints")
     e.add_argument("--eval-every", type=int, default=100, help="validation bpb every N steps (0 = end only)")
-    e.add_argument("--eval-tokens", type=int, default=-1, help="validation tokens per eval; -1 = 10 total batches")
+    e.add_argument(
+        "--eval-tokens", type=int, default=-1, help="validation tokens per eval; -1 = 10 total batches"
+    )
     e.add_argument("--sample-every", type=int, default=200, help="print samples every N steps (0 = end only)")
     e.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0 = end only)")
     e.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0 = all)")
@@ -174,7 +176,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     r = p.add_argument_group("runtime")
     r.add_argument("--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
-    r.add_argument("--source", default=None, help="pretraining data source (see `picochat download`)")
+    r.add_argument(
+        "--source",
+        default=None,
+        help="pretraining shards: bundled (default), hub (`picochat download`) or a folder",
+    )
     r.add_argument(
         "--compile",
         choices=["auto", "on", "off"],

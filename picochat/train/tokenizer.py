@@ -10,44 +10,13 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from picochat.common import DATA_DIR, PicochatError, get_base_dir, run_cli
+from picochat.common import PicochatError, run_cli
+from picochat.dataset import SOURCES, count_documents, iter_documents
 from picochat.report import record
 from picochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, tokenizer_dir
-
-SOURCES = ("bundled", "hub")
-
-
-# ---------------------------------------------------------------------------------------------
-# The corpus. Kept to this one function (plus its file listing) so it can switch to
-# picochat.dataset.iter_documents once that module exists.
-
-
-def corpus_shards(split: str, source: str) -> list[Path]:
-    """Parquet shards of one split: "train" = all shards but the last, "val" = the last one."""
-    folder = DATA_DIR / "pretrain" if source == "bundled" else get_base_dir() / "base_data"
-    shards = sorted(folder.glob("shard_*.parquet"))
-    if len(shards) < 2:
-        hint = "run `picochat download` first" if source == "hub" else "restore the repository's data/ folder"
-        raise PicochatError(
-            f"need at least 2 parquet shards (train + val) in {folder}, found {len(shards)}; {hint}"
-        )
-    return shards[:-1] if split == "train" else shards[-1:]
-
-
-def iter_corpus_documents(split: str, source: str) -> Iterator[str]:
-    """The `text` of every document of a split, in shard order, one row group at a time."""
-    for shard in corpus_shards(split, source):
-        for batch in pq.ParquetFile(shard).iter_batches(columns=["text"]):
-            yield from batch.column("text").to_pylist()
-
-
-def count_documents(split: str, source: str) -> int:
-    return sum(pq.ParquetFile(shard).metadata.num_rows for shard in corpus_shards(split, source))
 
 
 def capped_texts(documents: Iterator[str], doc_cap: int, max_chars: int | None, stats: dict) -> Iterator[str]:
@@ -107,7 +76,7 @@ def train_on_corpus(
 ) -> tuple[Tokenizer, dict]:
     """Train on the corpus chosen by `args`; returns the tokenizer and {documents, chars, train_seconds}."""
     stats = {"documents": 0, "chars": 0}
-    documents = iter_corpus_documents("train", args.source)
+    documents = iter_documents("train", args.source)
     total = count_documents("train", args.source)
     desc = f"training {vocab_size:,}-token BPE"
     with tqdm(documents, desc=desc, total=total, unit="doc", disable=not progress) as docs:

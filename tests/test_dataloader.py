@@ -1,0 +1,133 @@
+"""picochat.dataset (shards, splits, per-rank shares) and picochat.dataloader (packing, exact resume)."""
+
+import itertools
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from engine_fakes import tiny_tokenizer
+
+from picochat import dataset
+from picochat.common import PicochatError
+from picochat.dataloader import TokenBatchLoader
+
+
+def write_shards(folder, files: int = 3, docs_per_file: int = 12, row_group_size: int = 4) -> list[str]:
+    """Parquet files like FineWeb-Edu's (a `text` column), several row groups each; returns every text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for f in range(files):
+        rows = [f"document {f}-{i}: " + "word " * (3 + (7 * i + f) % 11) for i in range(docs_per_file)]
+        table = pa.table({"text": rows, "id": list(range(len(rows)))})
+        pq.write_table(table, folder / f"shard_{f:05d}.parquet", row_group_size=row_group_size)
+        texts.extend(rows)
+    return texts
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    texts = write_shards(tmp_path / "shards")
+    return str(tmp_path / "shards"), texts
+
+
+def test_splits_last_file_is_validation(corpus):
+    source, texts = corpus
+    assert list(dataset.iter_documents("train", source)) == texts[:24]
+    assert list(dataset.iter_documents("val", source)) == texts[24:]
+    assert dataset.count_documents("train", source) == 24
+
+
+@pytest.mark.parametrize("split,world_size", [("train", 2), ("train", 3), ("val", 2), ("val", 5)])
+def test_ranks_read_disjoint_shares_that_cover_the_split(corpus, split, world_size):
+    source, _ = corpus
+    everything = list(dataset.iter_documents(split, source))
+    shares = [list(dataset.iter_documents(split, source, r, world_size)) for r in range(world_size)]
+    assert all(shares), "every rank gets data"
+    assert sorted(itertools.chain(*shares)) == sorted(everything)
+
+
+def test_bundled_source_has_train_and_val_for_two_ranks():
+    for split in ("train", "val"):
+        for rank in (0, 1):
+            first = next(dataset.iter_documents(split, "bundled", rank, 2))
+            assert isinstance(first, str) and first
+
+
+def test_missing_or_bad_folders_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
+    with pytest.raises(PicochatError, match="picochat download"):
+        dataset.split_files("train", "hub")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"content": ["x"]}), bad / f"{i}.parquet")
+    with pytest.raises(PicochatError, match="no `text` column"):
+        list(dataset.iter_documents("train", str(bad)))
+
+
+def stream_of(tokenizer, texts: list[str]) -> list[int]:
+    return [t for text in texts for t in tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())]
+
+
+def test_batches_pack_the_token_stream_without_loss(corpus):
+    source, texts = corpus
+    tok = tiny_tokenizer()
+    B, T, n = 2, 16, 5
+    loader = TokenBatchLoader(tok, B, T, "train", "cpu", source)
+    expected = stream_of(tok, texts[:24])
+    for i in range(n):
+        x, y = next(loader)
+        assert x.shape == y.shape == (B, T) and x.dtype == torch.long
+        start = i * B * T
+        assert x.flatten().tolist() == expected[start : start + B * T]
+        assert y.flatten().tolist() == expected[start + 1 : start + B * T + 1]
+    loader.close()
+
+
+def test_loader_wraps_around_epochs(corpus):
+    source, texts = corpus
+    tok = tiny_tokenizer()
+    total = len(stream_of(tok, texts[24:]))
+    loader = TokenBatchLoader(tok, 1, 32, "val", "cpu", source)
+    for _ in range(total // 32 + 3):  # more than one pass over the validation split
+        next(loader)
+    assert loader.state_dict()["epoch"] >= 1
+    loader.close()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resume_continues_with_exactly_the_same_batches(corpus, world_size):
+    source, _ = corpus
+    tok = tiny_tokenizer()
+    for rank in range(world_size):
+        original = TokenBatchLoader(tok, 2, 24, "train", "cpu", source, rank, world_size)
+        for _ in range(7):
+            next(original)
+        state = original.state_dict()
+        resumed = TokenBatchLoader(tok, 2, 24, "train", "cpu", source, rank, world_size, dict(state))
+        for _ in range(12):  # crosses units, files and an epoch boundary
+            a, b = next(original), next(resumed)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        original.close()
+        resumed.close()
+
+
+def test_resume_with_another_world_size_is_refused(corpus):
+    source, _ = corpus
+    tok = tiny_tokenizer()
+    loader = TokenBatchLoader(tok, 1, 8, "train", "cpu", source)
+    next(loader)
+    with pytest.raises(PicochatError, match="same number of processes"):
+        TokenBatchLoader(tok, 1, 8, "train", "cpu", source, 0, 2, loader.state_dict())
+    loader.close()
+
+
+def test_reader_errors_reach_the_training_loop(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"content": ["x"]}), folder / f"{i}.parquet")
+    loader = TokenBatchLoader(tiny_tokenizer(), 1, 8, "train", "cpu", str(folder))
+    with pytest.raises(PicochatError, match="no `text` column"):
+        next(loader)
