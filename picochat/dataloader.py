@@ -1,13 +1,17 @@
 """Pretraining batches: this rank's documents, tokenized in the background, packed into (B, T) rows.
 
-Every document starts with `<|bos|>` and the documents are laid end to end as one token stream, so no
-token is wasted on padding. A batch takes the next B*T + 1 tokens of the stream: inputs are the first
-B*T, targets the same shifted by one. Its last token is only looked at, not consumed: it becomes the
-first input of the next batch, so every token of the stream is a target exactly once.
+Every document starts with `<|bos|>` and the documents of a unit (a parquet row group of this rank's
+share, see picochat.dataset) are laid end to end as one token stream, so no token is wasted on padding.
+The stream is cut into rows of T + 1 tokens that overlap by one (row i is stream[i*T : i*T + T + 1]):
+inputs are a row's first T tokens and targets its last T, so every token of the unit is a target once
+(the last partial row of a unit, fewer than T tokens, is dropped).
 
-The position in the stream is (epoch, unit, document, offset) with "unit" a parquet row group of this
-rank's share (see picochat.dataset). `state_dict()` after a batch is exactly where the next batch starts,
-and a loader built with that state continues with the same batches as the original would have.
+The rows of a unit are served in a shuffled order fixed by (epoch, unit). Without it a batch would be
+B consecutive slices of one document, and the bundled corpus is mostly long books: batches that are all
+one book make small-batch training noisy.
+
+The position is (epoch, unit, row). `state_dict()` after a batch is exactly where the next batch
+starts, and a loader built with that state continues with the same batches as the original would have.
 """
 
 from __future__ import annotations
@@ -23,6 +27,17 @@ from picochat.common import PicochatError
 from picochat.dataset import iter_document_batches
 
 PREFETCH_UNITS = 2  # row groups tokenized ahead of the training loop
+SHUFFLE_SEED = 1234
+
+
+def unit_rows(ids: list[list[int]], seq_len: int, epoch: int, unit: int) -> torch.Tensor:
+    """The (rows, seq_len + 1) token rows of one unit's documents, in the shuffled order of (epoch, unit)."""
+    stream = torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
+    if len(stream) <= seq_len:
+        return stream.new_empty((0, seq_len + 1))
+    rows = stream.unfold(0, seq_len + 1, seq_len)
+    generator = torch.Generator().manual_seed(SHUFFLE_SEED + 1_000_003 * epoch + unit)
+    return rows[torch.randperm(len(rows), generator=generator)]
 
 
 class TokenBatchLoader:
@@ -43,7 +58,7 @@ class TokenBatchLoader:
         self.tokenizer, self.batch_size, self.seq_len = tokenizer, batch_size, seq_len
         self.split, self.source, self.rank, self.world_size = split, source, rank, world_size
         self.device = torch.device(device)
-        state = resume_state or {"epoch": 0, "unit": 0, "doc": 0, "offset": 0, "world_size": world_size}
+        state = resume_state or {"epoch": 0, "unit": 0, "row": 0, "world_size": world_size}
         if state.get("world_size") != world_size:
             raise PicochatError(
                 f"the saved data-loader position is for {state.get('world_size')} processes, not "
@@ -51,8 +66,8 @@ class TokenBatchLoader:
                 "resume with the same number of processes (torchrun --nproc_per_node) as the original run"
             )
         self._cursor = (state["epoch"], state["unit"])
-        self._doc, self._offset = state["doc"], state["offset"]
-        self._docs: list[list[int]] | None = None  # token ids of the current unit's documents
+        self._row = state["row"]
+        self._rows: torch.Tensor | None = None  # the current unit's shuffled rows
         self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH_UNITS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(self._cursor,), daemon=True)
@@ -65,9 +80,17 @@ class TokenBatchLoader:
         threads = max(1, os.cpu_count() or 1)
         try:
             batches = iter_document_batches(self.split, self.source, self.rank, self.world_size, start)
+            empty_units = 0
             for texts, cursor in batches:
                 ids = self.tokenizer.encode(texts, prepend=bos, num_threads=threads) if texts else []
-                if not self._put((cursor, ids)):
+                rows = unit_rows(ids, self.seq_len, *cursor)
+                empty_units = 0 if len(rows) else empty_units + 1
+                if empty_units > 1000:  # no unit holds a full row: the loop would never yield a batch
+                    raise PicochatError(
+                        f"the {self.split} documents are too short for rows of {self.seq_len} tokens; "
+                        "lower --max-seq-len or use a larger corpus"
+                    )
+                if not self._put((cursor, rows)):
                     return
         except BaseException as exc:  # handed to the training loop, which re-raises it
             self._put(exc)
@@ -82,55 +105,34 @@ class TokenBatchLoader:
                 continue
         return False
 
-    def _current(self) -> list[int]:
-        """The document under the cursor, moving on to the next unit(s) when this one is used up."""
-        while self._docs is None or self._doc >= len(self._docs):
-            resuming = self._docs is None  # the first unit keeps the resumed doc/offset
+    def _next_row(self) -> torch.Tensor:
+        """The next row, moving on to the next unit(s) when this one is used up."""
+        while self._rows is None or self._row >= len(self._rows):
+            resuming = self._rows is None  # the first unit keeps the resumed row
             item = self._queue.get()
             if isinstance(item, BaseException):
                 raise item
-            self._cursor, self._docs = item
+            self._cursor, self._rows = item
             if not resuming:
-                self._doc = self._offset = 0
-        return self._docs[self._doc]
-
-    # -- the token stream
-
-    def _take(self, n: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < n:
-            ids = self._current()
-            piece = ids[self._offset : self._offset + n - len(out)]
-            out.extend(piece)
-            self._offset += len(piece)
-            if self._offset >= len(ids):
-                self._doc, self._offset = self._doc + 1, 0
-        return out
+                self._row = 0
+        self._row += 1
+        return self._rows[self._row - 1]
 
     def __iter__(self) -> TokenBatchLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T = self.batch_size, self.seq_len
-        tokens = self._take(B * T)
-        tokens.append(self._current()[self._offset])  # peeked: the next batch starts with it
-        buf = torch.tensor(tokens, dtype=torch.long)
+        batch = torch.stack([self._next_row() for _ in range(self.batch_size)])
         if self.device.type == "cuda":
-            buf = buf.pin_memory().to(self.device, non_blocking=True)
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
         else:
-            buf = buf.to(self.device)
-        return buf[:-1].view(B, T), buf[1:].view(B, T)
+            batch = batch.to(self.device)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
     def state_dict(self) -> dict[str, Any]:
         """Where the next batch starts (JSON-serialisable; pass it back as `resume_state`)."""
         epoch, unit = self._cursor
-        return {
-            "epoch": epoch,
-            "unit": unit,
-            "doc": self._doc,
-            "offset": self._offset,
-            "world_size": self.world_size,
-        }
+        return {"epoch": epoch, "unit": unit, "row": self._row, "world_size": self.world_size}
 
     def close(self) -> None:
         """Stop the background thread (it also stops by itself when the process ends)."""

@@ -20,7 +20,9 @@ if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.__version__.split(
   "$VENV/bin/pip" install --quiet "torch==2.13.0"
 fi
 stamp="$VENV/.picochat-installed${EXTRAS:+-$EXTRAS}"
-if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
+fresh() { [ -f "$1" ] && [ ! "$REPO/pyproject.toml" -nt "$1" ]; }
+# An install with the dev extras also satisfies a plain one.
+if ! fresh "$stamp" && ! { [ -z "$EXTRAS" ] && fresh "$VENV/.picochat-installed-dev"; }; then
   echo "==> installing picochat${EXTRAS:+[$EXTRAS]}"
   "$VENV/bin/pip" install --quiet -e "$REPO${EXTRAS:+[$EXTRAS]}"
   touch "$stamp"

@@ -70,19 +70,26 @@ def stream_of(tokenizer, texts: list[str]) -> list[int]:
     return [t for text in texts for t in tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())]
 
 
-def test_batches_pack_the_token_stream_without_loss(corpus):
-    source, texts = corpus
+def test_batches_are_the_shuffled_rows_of_each_units_token_stream(tmp_path):
+    source = tmp_path / "shards"
+    write_shards(source, files=3, docs_per_file=40, row_group_size=20)
     tok = tiny_tokenizer()
-    B, T, n = 2, 16, 5
-    loader = TokenBatchLoader(tok, B, T, "train", "cpu", source)
-    expected = stream_of(tok, texts[:24])
-    for i in range(n):
+    B, T = 1, 16  # one row per batch, so a pass serves every row exactly
+    expected_rows = []
+    for texts, _ in dataset.iter_document_batches("train", str(source), loop=False):
+        stream = stream_of(tok, texts)
+        rows = [stream[i : i + T + 1] for i in range(0, len(stream) - T, T)]  # overlap by one token
+        expected_rows.extend(rows)
+    loader = TokenBatchLoader(tok, B, T, "train", "cpu", str(source))
+    served = []
+    for _ in range(len(expected_rows) // B):
         x, y = next(loader)
         assert x.shape == y.shape == (B, T) and x.dtype == torch.long
-        start = i * B * T
-        assert x.flatten().tolist() == expected[start : start + B * T]
-        assert y.flatten().tolist() == expected[start + 1 : start + B * T + 1]
+        assert torch.equal(x[:, 1:], y[:, :-1]), "targets are the inputs shifted by one"
+        served.extend(torch.cat([x, y[:, -1:]], dim=1).tolist())
     loader.close()
+    assert sorted(served) == sorted(expected_rows), "one pass serves every row of every unit once"
+    assert served != expected_rows, "rows come shuffled, not as consecutive slices of one text"
 
 
 def test_loader_wraps_around_epochs(corpus):

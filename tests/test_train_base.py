@@ -93,3 +93,70 @@ def test_two_processes_match_one_with_accumulation(tmp_path):
         assert losses_a[-1] < losses_a[0]
         for name in a.keys():
             torch.testing.assert_close(a.get_tensor(name), b.get_tensor(name), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real trainer, end to end on a tiny model and a tiny corpus
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    """A PICOCHAT_HOME with a tiny tokenizer, a 3-shard corpus folder, and the flags of a tiny run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from post_fixtures import corpus
+
+    from picochat.common import get_base_dir
+    from picochat.tokenizer import Tokenizer
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
+    texts = corpus()
+    Tokenizer.train_from_iterator(texts, 600).save(get_base_dir() / "tokenizer")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(3):
+        table = pa.table({"text": texts[i::3]})
+        pq.write_table(table, shards / f"shard_{i:05d}.parquet", row_group_size=40)
+    flags = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64"]
+    flags += ["--device-batch-size", "2", "--total-batch-size", "256", "--num-iterations", "12"]
+    flags += ["--eval-every", "6", "--eval-tokens", "512", "--sample-every", "0", "--save-every", "6"]
+    return [*flags, "--source", str(shards)]
+
+
+def run_losses(tag: str) -> dict[int, float]:
+    from picochat.common import get_base_dir
+
+    lines = (get_base_dir() / "runs" / tag / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def test_training_loss_falls_and_a_killed_run_resumes_exactly(tiny_run, monkeypatch):
+    from picochat.checkpoint import checkpoint_dir_for, list_steps
+    from picochat.train import base
+
+    assert base.main([*tiny_run, "--model-tag", "whole"]) == 0
+    whole = run_losses("whole")
+    assert sorted(whole) == list(range(1, 13))
+    assert sum(list(whole.values())[-3:]) < sum(list(whole.values())[:3]) - 0.5, whole
+    assert list_steps(checkpoint_dir_for("base", "whole")) == [6, 12]
+
+    real_step = base.BaseTrainer.step
+
+    def killed_at_step_9(self):  # the process dies mid-run, after the step-6 checkpoint
+        if self.state.step == 9:
+            raise KeyboardInterrupt
+        real_step(self)
+
+    monkeypatch.setattr(base.BaseTrainer, "step", killed_at_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        base.main([*tiny_run, "--model-tag", "killed"])
+    monkeypatch.setattr(base.BaseTrainer, "step", real_step)
+    assert list_steps(checkpoint_dir_for("base", "killed")) == [6]
+    with pytest.raises(PicochatError, match="--resume"):
+        base.main([*tiny_run, "--model-tag", "killed"])  # never silently overwrites a run
+
+    assert base.main([*tiny_run, "--model-tag", "killed", "--resume"]) == 0
+    resumed = run_losses("killed")
+    assert sorted(resumed) == list(range(1, 13))
+    assert list(resumed.values()) == pytest.approx(list(whole.values()), rel=1e-5)

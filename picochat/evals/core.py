@@ -449,8 +449,8 @@ def _bpb_and_samples(model: Any, tokenizer: Any, device: torch.device, args: arg
     """Bits per byte on the train and val shards, and greedy samples (rank 0) from fixed prompts."""
     from picochat.dataloader import TokenBatchLoader
     from picochat.evals.bpb import evaluate_bpb
+    from picochat.evals.samples import SAMPLE_PROMPTS, SAMPLE_TOKENS, sample_greedy
     from picochat.tokenizer import get_token_bytes
-    from picochat.train.base import SAMPLE_PROMPTS, SAMPLE_TOKENS, sample_greedy
 
     seq_len = model.config.sequence_len
     default_tokens = 20 * 2**19 if device.type == "cuda" else 2**16

@@ -60,6 +60,7 @@ from picochat.common import (
     synchronize,
 )
 from picochat.evals.bpb import evaluate_bpb
+from picochat.evals.samples import SAMPLE_PROMPTS, SAMPLE_TOKENS, sample_greedy
 from picochat.optim import Muon
 from picochat.report import record
 
@@ -70,16 +71,6 @@ BATCH_POWER = 0.383
 CPU_BATCH_DIVISOR = 64
 MUON_MOMENTUM_WARMUP_STEPS = 300
 EMA_BETA = 0.9  # smoothing of the displayed training loss
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
-SAMPLE_TOKENS = 16
 # Dense bf16 peak FLOP/s by GPU name (checked in order: the first substring found wins).
 GPU_PEAK_FLOPS = [
     ("H100 PCIe", 756e12),
@@ -338,24 +329,6 @@ def wrap_model(model: torch.nn.Module, world_size: int, compile_model: bool) -> 
     if world_size > 1:
         model = DDP(model)
     return torch.compile(model, dynamic=False) if compile_model else model
-
-
-@torch.no_grad()
-def sample_greedy(
-    model: torch.nn.Module, tokenizer: Any, prompt: str, max_tokens: int, device: torch.device
-) -> str:
-    """Greedy continuation of `prompt` (no KV cache: a few short forward passes)."""
-    bos = tokenizer.get_bos_token_id()
-    ids = tokenizer.encode(prompt, prepend=bos)
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    seq_len = model.config.sequence_len
-    for _ in range(max_tokens):
-        logits = model(x[:, -seq_len:])
-        nxt = logits[0, -1, : tokenizer.get_vocab_size()].argmax()
-        if nxt.item() == bos:
-            break
-        x = torch.cat([x, nxt.view(1, 1)], dim=1)
-    return prompt + tokenizer.decode(x[0, len(ids) :].tolist())
 
 
 # ---------------------------------------------------------------------------------------------
