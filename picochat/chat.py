@@ -27,7 +27,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "-i",
-        "--source",
+        "--stage",
         default="sft",
         choices=STAGES,
         help="which stage's checkpoint to load (default: sft)",
@@ -119,13 +119,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1:
         raise PicochatError("need --temperature >= 0, 0 < --top-p <= 1 and --max-tokens >= 1")
-    engine, _ = load_engine(args.source, args.model_tag, args.step, args.device_type)
+    engine, _ = load_engine(args.stage, args.model_tag, args.step, args.device_type)
     torch.set_grad_enabled(False)
     chat = Chat(engine, args, sys.stdout)
     if args.prompt is not None:
         chat.reply(args.prompt)
         return 0
-    print(f"picochat ({args.source} model). /clear: new conversation, /quit or Ctrl-D: leave.")
+    print(f"picochat ({args.stage} model). /clear: new conversation, /quit or Ctrl-D: leave.")
     while True:
         try:
             line = input("\nUser: ").strip()

@@ -55,7 +55,11 @@ SUMMARY_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "M
 GPU_HOURLY_USD = [("H200", 3.50), ("H100", 3.00), ("A100", 1.80), ("L40", 1.00), ("A10", 0.75), ("L4", 0.70),
                   ("T4", 0.35), ("4090", 0.50), ("3090", 0.30)]  # fmt: skip
 UNKNOWN_GPU_HOURLY_USD = 1.00
-PLOTTED_METRICS = [("loss", "training loss"), ("val_bpb", "validation bits per byte")]
+PLOTTED_METRICS = [
+    ("loss", "training loss"),
+    ("val_bpb", "validation bits per byte"),
+    ("reward", "mean reward"),
+]
 MAX_VALUE_CHARS = 300  # longer nested values are cut in the report (the JSON keeps them whole)
 _SKIPPED_KEYS = {"section", "timestamp", "samples", "metrics", "metrics_path", "system"}
 

@@ -351,7 +351,7 @@ def _load_backend(args: argparse.Namespace) -> Backend:
             "update picochat to a version that has it"
         ) from e
     return ContinuousBatchingBackend.from_checkpoint(
-        source=args.source,
+        source=args.stage,
         model_tag=args.model_tag,
         step=args.step,
         device_type=args.device_type,
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument(
         "-i",
-        "--source",
+        "--stage",
         default="sft",
         choices=["base", "mid", "sft", "rl"],
         help="which stage's checkpoint to load",
