@@ -509,7 +509,7 @@ class BaseTrainer:
 
     def _start_afresh(self) -> None:
         """A new run replaces the old run's metrics and (with --overwrite) its checkpoints."""
-        _barrier()  # every rank has looked for checkpoints before rank 0 deletes them
+        barrier()  # every rank has looked for checkpoints before rank 0 deletes them
         if self.rank == 0:
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             self.metrics_path.unlink(missing_ok=True)
@@ -544,7 +544,7 @@ class BaseTrainer:
             self.state.horizon = self.plan.num_iterations  # --num-iterations may extend a finished run
         print0(f"resuming from {ckpt.meta['path']} (step {self.state.step})")
         if self.rank == 0:
-            _trim_metrics(self.metrics_path, self.state.step)
+            trim_metrics(self.metrics_path, self.state.step)
         return rank_state.get("loader")
 
     def _table(self, peak_source: str) -> list[tuple[str, Any, str]]:
@@ -616,18 +616,18 @@ class BaseTrainer:
         while True:
             state.train_seconds = time.time() - loop_t0
             if budget:
-                state.train_seconds = _synced_max(state.train_seconds, self.world_size)
+                state.train_seconds = synced_max(state.train_seconds, self.world_size, self.device)
                 if state.step > start_step:  # refit the horizon to the steps that fit in the budget
                     per_step = (state.train_seconds - start_seconds) / (state.step - start_step)
                     fit = state.step + int(max(0.0, budget - state.train_seconds) / per_step)
                     state.horizon = bar.total = min(self.plan.num_iterations, fit)
             last = state.step >= state.horizon or (budget > 0 and state.train_seconds >= budget)
             handled = self.resumed and state.step == start_step  # evaluated and saved before the kill
-            if not handled and (last or _every(args.eval_every, state.step)):
+            if not handled and (last or every(args.eval_every, state.step)):
                 self.evaluate()
-            if not handled and (last or (state.step > 0 and _every(args.sample_every, state.step))):
+            if not handled and (last or (state.step > 0 and every(args.sample_every, state.step))):
                 self.sample()
-            if not handled and (last or _every(args.save_every, state.step)) and state.step > 0:
+            if not handled and (last or every(args.save_every, state.step)) and state.step > 0:
                 self.save()
             if last:
                 break
@@ -786,25 +786,25 @@ class BaseTrainer:
         return summary
 
 
-def _every(n: int, step: int) -> bool:
+def every(n: int, step: int) -> bool:
     return n > 0 and step % n == 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def _synced_max(seconds: float, world_size: int) -> float:
+def synced_max(seconds: float, world_size: int, device: torch.device) -> float:
     """The same elapsed time on every rank (the slowest one's), so that all ranks stop at the same step."""
     if world_size == 1:
         return seconds
-    t = torch.tensor([seconds], dtype=torch.float64)
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
 
-def _trim_metrics(path: Path, step: int) -> None:
+def trim_metrics(path: Path, step: int) -> None:
     """Drop metric lines written after the checkpoint we resume from (the killed run's lost steps)."""
     if not path.exists():
         return

@@ -59,7 +59,7 @@ from picochat.common import (
 from picochat.engine import Engine
 from picochat.report import record
 from picochat.tasks import GSM8K
-from picochat.train.base import _every, _trim_metrics, wrap_model
+from picochat.train.base import barrier, every, trim_metrics, wrap_model
 
 INPUT_STAGES = ("base", "mid", "sft", "rl")
 
@@ -218,9 +218,9 @@ class RLTrainer:
 
         stage, step = ("rl", None) if self.resumed else (args.stage, args.step)
         self.model, self.tokenizer, meta = load_model(stage, self.model_tag, step, device, phase="train")
-        self.input = meta.get(
-            "input", {"stage": args.stage, "model_tag": self.model_tag, "step": meta["step"]}
-        )
+        # the checkpoint this run started from (a resumed run keeps its original input)
+        started_from = {"stage": args.stage, "model_tag": self.model_tag, "step": meta["step"]}
+        self.input = meta["input"] if self.resumed else started_from
         self.engine = Engine(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.encode_special("<|assistant_end|>")
         self.task = GSM8K("train", source=args.data)  # scores replies to any GSM8K question
@@ -283,7 +283,7 @@ class RLTrainer:
             self.state.num_steps = num_steps
         print0(f"resuming from {ckpt.meta['path']} (step {self.state.step})")
         if self.rank == 0:
-            _trim_metrics(self.metrics_path, self.state.step)
+            trim_metrics(self.metrics_path, self.state.step)
 
     def autocast(self) -> Any:
         if self.dtype == torch.float32:
@@ -296,7 +296,7 @@ class RLTrainer:
         args, state = self.args, self.state
         start_step = state.step
         if not self.resumed:
-            _barrier()  # every rank has looked for checkpoints before rank 0 deletes them
+            barrier()  # every rank has looked for checkpoints before rank 0 deletes them
             if self.rank == 0:
                 shutil.rmtree(self.ckpt_dir, ignore_errors=True)
                 self.metrics_path.unlink(missing_ok=True)
@@ -307,9 +307,9 @@ class RLTrainer:
         while True:
             last = state.step >= state.num_steps
             handled = self.resumed and state.step == start_step  # evaluated and saved before the stop
-            if not handled and (last or _every(args.eval_every, state.step)):
+            if not handled and (last or every(args.eval_every, state.step)):
                 self.evaluate()
-            if not handled and state.step > 0 and (last or _every(args.save_every, state.step)):
+            if not handled and state.step > 0 and (last or every(args.save_every, state.step)):
                 self.save()
             if last:
                 break
@@ -494,11 +494,6 @@ def _check_args(args: argparse.Namespace, world_size: int) -> None:
         raise PicochatError(
             f"--examples-per-step {args.examples_per_step} must be a multiple of the {world_size} processes"
         )
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""Mid-training and SFT: rows and masks, real tiny runs (loss falls, checkpoints reload), exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from post_fixtures import make_home
+
+from picochat.checkpoint import checkpoint_dir_for, list_steps, load_model
+from picochat.common import PicochatError, get_base_dir
+from picochat.tasks import GSM8K, SimpleSpelling, TaskMixture
+from picochat.train import mid, sft
+from picochat.train.chat_train import IGNORE, PackedRows, PaddedRows
+
+MID_FLAGS = ["--device-batch-size", "2", "--max-seq-len", "128", "--eval-every", "10", "--eval-batches", "2"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
+    tokenizer, _ = make_home("base")
+    return tokenizer
+
+
+def small_mixture():
+    return TaskMixture([GSM8K("train", stop=6), SimpleSpelling("train", 6)])
+
+
+def expected_targets(ids: list[int], mask: list[int]) -> list[int]:
+    return [t if m else IGNORE for t, m in zip(ids[1:], mask[1:], strict=True)]
+
+
+def test_packed_rows_are_the_masked_stream(home):
+    tok, task = home, small_mixture()
+    stream_ids, stream_mask = [], []
+    for conv in task:
+        ids, mask = tok.render_conversation(conv, max_tokens=4 * 32)
+        stream_ids += ids
+        stream_mask += mask
+    rows = PackedRows(tok, task, list(range(len(task))), 2, 32, torch.device("cpu"))
+    for b in range(3):
+        x, y = next(rows)
+        for r in range(2):
+            start = (2 * b + r) * 32
+            assert x[r].tolist() == stream_ids[start : start + 32]
+            assert y[r].tolist() == expected_targets(
+                stream_ids[start : start + 33], stream_mask[start : start + 33]
+            )
+    assert (y == IGNORE).any() and (y != IGNORE).any(), "user turns masked, assistant turns trained"
+
+
+def test_padded_rows_hold_one_conversation_each_and_never_train_on_padding(home):
+    tok, task = home, small_mixture()
+    rows = PaddedRows(tok, task, list(range(len(task))), 3, 64, torch.device("cpu"))
+    x, y = next(rows)
+    for r in range(3):
+        ids, mask = tok.render_conversation(task[r], max_tokens=65)
+        n = len(ids) - 1
+        assert x[r, :n].tolist() == ids[:-1]
+        assert y[r, :n].tolist() == expected_targets(ids, mask)
+        assert (y[r, n:] == IGNORE).all(), "padding is never a target"
+    assert x.shape[1] <= 64
+
+
+def train_losses(run: str) -> dict[int, float]:
+    lines = (get_base_dir() / "runs" / run / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
+
+
+def test_mid_then_sft_train_and_save_reloadable_checkpoints(home):
+    assert mid.main([*MID_FLAGS, "--num-iterations", "20"]) == 0
+    losses = list(train_losses("mid_d2").values())
+    assert len(losses) == 20 and sum(losses[-4:]) < sum(losses[:4]) - 0.5, losses
+    model, _, meta = load_model("mid", "d2")
+    assert meta["step"] == 20 and model.config.n_layer == 2
+
+    flags = ["--device-batch-size", "2", "--target-examples-per-step", "4", "--max-seq-len", "128"]
+    flags += ["--num-iterations", "4", "--eval-batches", "2", "--eval-metrics-examples", "2"]
+    assert sft.main(flags) == 0
+    assert list_steps(checkpoint_dir_for("sft", "d2")) == [4]
+    section = json.loads((get_base_dir() / "report" / "sft.json").read_text())
+    assert section["input"]["stage"] == "mid" and section["steps"] == 4
+    assert len(section["samples"]) == 4 and {"ARC-Easy", "GSM8K"} <= {
+        k.removeprefix("accuracy_") for k in section if k.startswith("accuracy_")
+    }
+
+
+def test_killed_mid_run_resumes_with_the_same_losses(home, monkeypatch):
+    from picochat.train import chat_train
+
+    flags = [*MID_FLAGS, "--num-iterations", "8", "--save-every", "4"]
+    assert mid.main([*flags, "--model-tag", "d2", "--run", "whole"]) == 0
+    whole = train_losses("whole")
+
+    real_train_step = chat_train.train_step
+    calls = {"n": 0}
+
+    def dies_at_step_6(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_train_step(*args, **kwargs)
+
+    monkeypatch.setattr(chat_train, "train_step", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        mid.main([*flags, "--run", "killed", "--overwrite"])
+    monkeypatch.setattr(chat_train, "train_step", real_train_step)
+    assert list_steps(checkpoint_dir_for("mid", "d2")) == [4]
+    with pytest.raises(PicochatError, match="--resume"):
+        mid.main([*flags, "--run", "killed"])
+    assert mid.main([*flags, "--run", "killed", "--resume"]) == 0
+    resumed = train_losses("killed")
+    assert sorted(resumed) == list(range(1, 9))
+    assert list(resumed.values()) == pytest.approx(list(whole.values()), rel=1e-5)
+
+
+def test_missing_input_checkpoint_is_a_clear_error(home):
+    with pytest.raises(PicochatError, match="sft|checkpoint"):
+        sft.main(["-i", "sft", "--num-iterations", "1"])
