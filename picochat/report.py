@@ -58,6 +58,7 @@ UNKNOWN_GPU_HOURLY_USD = 1.00
 PLOTTED_METRICS = [
     ("loss", "training loss"),
     ("val_bpb", "validation bits per byte"),
+    ("val_loss", "validation loss"),
     ("reward", "mean reward"),
 ]
 MAX_VALUE_CHARS = 300  # longer nested values are cut in the report (the JSON keeps them whole)

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The reference run for one 8xH100 node: download FineWeb-Edu shards (more in the background while the
+# tokenizer trains), tokenizer on ~2B characters, a depth-26 base model (the depth nanochat measured to
+# match GPT-2's CORE of 0.256), CORE eval, mid-training, SFT, chat evals, optional RL, report.md.
+#
+#   bash runs/speedrun.sh           # the real thing: needs GPUs and access to the Hugging Face hub
+#   bash runs/speedrun.sh --smoke   # every command below with tiny sizes on the CPU: 2 processes with
+#                                   # torchrun (gloo), the bundled corpus served by a local HTTP server
+#
+# Sizes are environment variables, e.g. `DEPTH=20 SHARDS=240 NPROC=4 bash runs/speedrun.sh`.
+# WITH_RL=1 adds RL on GSM8K (and its eval) after SFT. Run it inside screen/tmux: it takes hours.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+SMOKE="${PICOCHAT_SMOKE:-0}"
+[ "${1:-}" = "--smoke" ] && SMOKE=1
+bash runs/setup.sh
+VENV="${PICOCHAT_VENV:-$REPO/.venv}"
+PICO="$VENV/bin/picochat"
+WITH_RL="${WITH_RL:-0}"
+
+if [ "$SMOKE" = 1 ]; then
+  export PICOCHAT_HOME="${PICOCHAT_HOME:-$(mktemp -d)}"
+  export OMP_NUM_THREADS=1
+  NPROC="${NPROC:-2}"
+  # The "hub" is the bundled corpus served locally, so the download command runs for real.
+  PORT="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  "$VENV/bin/python" -m http.server --bind 127.0.0.1 --directory "$REPO/data/pretrain" "$PORT" >/dev/null 2>&1 &
+  SERVER_PID=$!
+  trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
+  sleep 1
+  HUB=(--base-url "http://127.0.0.1:$PORT" --num-shards-total 10)
+  FIRST_SHARDS=2 SHARDS=4
+  TOKENIZER=(--vocab-size 1024 --max-chars 2000000)
+  TOKENIZER_EVAL=(--max-examples 20)
+  BASE=(--depth 2 --max-seq-len 128 --device-batch-size 2 --total-batch-size 512 --num-iterations 4
+        --eval-every 2 --eval-tokens 1024 --sample-every 4 --save-every 2)
+  BASE_EVAL=(--max-per-task 2 --split-tokens 1024 --device-batch-size 2)
+  MID=(--device-batch-size 2 --max-seq-len 128 --total-batch-size 512 --num-iterations 3 --eval-every 2
+       --eval-batches 2)
+  SFT=(--device-batch-size 2 --max-seq-len 128 --target-examples-per-step 4 --num-iterations 3
+       --eval-every 2 --eval-batches 2 --eval-metrics-examples 2)
+  RL=(--examples-per-step 2 --num-samples 2 --device-batch-size 2 --max-new-tokens 16 --num-steps 2
+      --eval-every 0 --eval-examples 2)
+  CHAT_EVAL=(--max-per-task 2 --max-new-tokens 16)
+else
+  export PICOCHAT_HOME="${PICOCHAT_HOME:-$HOME/.cache/picochat}"
+  NPROC="${NPROC:-8}"
+  DEPTH="${DEPTH:-26}"
+  HUB=()
+  # ~250M characters per shard; 450 shards cover depth 26's compute-optimal token horizon.
+  FIRST_SHARDS="${FIRST_SHARDS:-8}" SHARDS="${SHARDS:-450}"
+  TOKENIZER=(--vocab-size 65536 --max-chars 2000000000)
+  TOKENIZER_EVAL=()
+  BASE=(--depth "$DEPTH" --device-batch-size "${DEVICE_BATCH_SIZE:-16}" --run speedrun)
+  BASE_EVAL=()
+  MID=(--device-batch-size "${DEVICE_BATCH_SIZE:-16}" --run speedrun-mid)
+  SFT=(--run speedrun-sft)
+  RL=(--run speedrun-rl)
+  CHAT_EVAL=()
+fi
+
+launch() {  # launch MODULE ARGS...: one stage on NPROC processes of this node
+  "$VENV/bin/torchrun" --standalone --nproc_per_node="$NPROC" -m "$@"
+}
+t_start=$(date +%s)
+step() { echo "==> $* ($(( ($(date +%s) - t_start) / 60 )) min in)"; }
+
+step "report reset"
+"$PICO" report --reset
+step "download the first $FIRST_SHARDS shards (and the validation shard)"
+"$PICO" download --shards "$FIRST_SHARDS" "${HUB[@]}"
+step "download up to $SHARDS shards in the background"
+"$PICO" download --shards "$SHARDS" "${HUB[@]}" >"$PICOCHAT_HOME/download.log" 2>&1 &
+DOWNLOAD_PID=$!
+step "tokenizer"
+"$PICO" tokenizer train --source hub "${TOKENIZER[@]}"
+"$PICO" tokenizer eval --source hub "${TOKENIZER_EVAL[@]}"
+step "waiting for the shards"
+if ! wait "$DOWNLOAD_PID"; then
+  echo "error: the background download failed; see $PICOCHAT_HOME/download.log" >&2
+  exit 1
+fi
+step "base pretraining"
+launch picochat.train.base --source hub --overwrite "${BASE[@]}"
+launch picochat.evals.core --source hub "${BASE_EVAL[@]}"
+step "mid-training"
+launch picochat.train.mid --overwrite "${MID[@]}"
+launch picochat.evals.chat -i mid "${CHAT_EVAL[@]}"
+step "SFT"
+launch picochat.train.sft --overwrite "${SFT[@]}"
+launch picochat.evals.chat -i sft "${CHAT_EVAL[@]}"
+if [ "$WITH_RL" = 1 ]; then
+  step "RL"
+  launch picochat.train.rl --overwrite "${RL[@]}"
+  launch picochat.evals.chat -i rl -a GSM8K "${CHAT_EVAL[@]}"
+fi
+step "report"
+"$PICO" report --out "$PICOCHAT_HOME/report.md"
+echo "==> done in $(( ($(date +%s) - t_start) / 60 )) min: $PICOCHAT_HOME/report.md"
+echo "    talk to it: $PICO chat   or   $PICO serve"
