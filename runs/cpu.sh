@@ -12,10 +12,10 @@ export PICOCHAT_HOME="${PICOCHAT_HOME:-$HOME/.cache/picochat}"
 
 VOCAB_SIZE="${VOCAB_SIZE:-8192}"
 DEPTH="${DEPTH:-4}"
-BASE_MINUTES="${BASE_MINUTES:-15}"
-MID_MINUTES="${MID_MINUTES:-5}"
+BASE_MINUTES="${BASE_MINUTES:-20}"
+MID_MINUTES="${MID_MINUTES:-8}"
 SFT_MINUTES="${SFT_MINUTES:-4}"
-RL_MINUTES="${RL_MINUTES:-3}"
+RL_STEPS="${RL_STEPS:-30}"   # about 5 s each at depth 4
 EVAL_PER_TASK="${EVAL_PER_TASK:-100}"
 CORE_PER_TASK="${CORE_PER_TASK:-100}"
 
@@ -44,11 +44,12 @@ stage "tokenizer"       picochat.train.tokenizer "$PICO" tokenizer train --vocab
 stage "tokenizer eval"  picochat.evals.tokenizer "$PICO" tokenizer eval
 stage "base training"   picochat.train.base      "$PICO" train base --depth "$DEPTH" --max-minutes "$BASE_MINUTES" --overwrite
 stage "base eval"       picochat.evals.core      "$PICO" eval base --max-per-task "$CORE_PER_TASK"
-stage "mid-training"    picochat.train.mid       "$PICO" train mid --max-minutes "$MID_MINUTES"
+stage "mid-training"    picochat.train.mid       "$PICO" train mid --max-minutes "$MID_MINUTES" --overwrite
 stage "mid eval"        picochat.evals.chat      "$PICO" eval chat -i mid --max-per-task "$EVAL_PER_TASK"
-stage "SFT"             picochat.train.sft       "$PICO" train sft --max-minutes "$SFT_MINUTES"
+stage "SFT"             picochat.train.sft       "$PICO" train sft --max-minutes "$SFT_MINUTES" --overwrite
 stage "SFT eval"        picochat.evals.chat      "$PICO" eval chat -i sft --max-per-task "$EVAL_PER_TASK"
-stage "RL"              picochat.train.rl        "$PICO" train rl --max-minutes "$RL_MINUTES"
+stage "RL"              picochat.train.rl        "$PICO" train rl --num-steps "$RL_STEPS" --overwrite \
+  --examples-per-step 4 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 --eval-every 0 --eval-examples 32
 stage "RL eval"         picochat.evals.chat      "$PICO" eval chat -i rl --max-per-task "$EVAL_PER_TASK"
 finish
 cat <<TXT
