@@ -77,6 +77,23 @@ def list_steps(checkpoint_dir: str | Path) -> list[int]:
     return sorted(steps)
 
 
+def check_resume(checkpoint_dir: str | Path, resume: bool, overwrite: bool) -> bool:
+    """Whether a run continues the checkpoints in `checkpoint_dir` (--resume) or starts afresh.
+
+    Refuses --resume with nothing to resume, and a fresh start that would replace an existing run
+    unless `overwrite` says so: a run is never lost by a forgotten flag.
+    """
+    existing = list_steps(checkpoint_dir)
+    if resume and not existing:
+        raise PicochatError(f"--resume: no checkpoint in {checkpoint_dir}; drop --resume to start afresh")
+    if existing and not resume and not overwrite:
+        raise PicochatError(
+            f"{checkpoint_dir} already holds checkpoints (latest step {existing[-1]}); pass --resume to "
+            "continue that run, --overwrite to start afresh and replace them, or another --model-tag"
+        )
+    return resume
+
+
 def find_model_tag(stage: str) -> str:
     """The default model tag of a stage: the deepest `d<N>` folder that holds a checkpoint."""
     root = get_base_dir() / "checkpoints" / stage

@@ -6,6 +6,7 @@ on a 2-core laptop and on a multi-node GPU cluster launched with torchrun.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -92,6 +93,14 @@ def compute_dtype(device_type: str) -> torch.dtype:
     if device_type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def autocast_context(device: torch.device) -> Any:
+    """Mixed precision for forward passes where `compute_dtype` picks bf16, else nothing."""
+    dtype = compute_dtype(device.type)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.amp.autocast(device_type=device.type, dtype=dtype)
 
 
 def is_distributed() -> bool:

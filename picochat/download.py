@@ -480,30 +480,66 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--shards", "-n", type=int, default=8,
-                        help="download shards 0..N-1; -1 = every shard of the dataset (default: 8)")
-    parser.add_argument("--no-val", action="store_true",
-                        help="do not also download the dataset's last shard, the validation split")
-    parser.add_argument("--repo", default=DEFAULT_REPO,
-                        help="Hugging Face dataset repository, put into --base-url (default: %(default)s)")
-    parser.add_argument("--num-shards-total", type=int, default=DEFAULT_NUM_SHARDS_TOTAL,
-                        help="how many shards the dataset has; the last one is the validation split "
-                        f"(default: {DEFAULT_NUM_SHARDS_TOTAL})")
-    parser.add_argument("--base-url", default=DEFAULT_BASE_URL,
-                        help="folder URL the shard names are appended to; {repo} is replaced by --repo "
-                        f"(default: {DEFAULT_BASE_URL})")
-    parser.add_argument("--filename", default=DEFAULT_FILENAME,
-                        help="shard name template, {index} is the shard number (default: %(default)s)")
-    parser.add_argument("--dest", default=None,
-                        help="folder to save into (default: $PICOCHAT_HOME/base_data, read by --source hub)")
+    parser.add_argument(
+        "--shards",
+        "-n",
+        type=int,
+        default=8,
+        help="download shards 0..N-1; -1 = every shard of the dataset (default: 8)",
+    )
+    parser.add_argument(
+        "--no-val",
+        action="store_true",
+        help="do not also download the dataset's last shard, the validation split",
+    )
+    parser.add_argument(
+        "--repo",
+        default=DEFAULT_REPO,
+        help="Hugging Face dataset repository, put into --base-url (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-shards-total",
+        type=int,
+        default=DEFAULT_NUM_SHARDS_TOTAL,
+        help="how many shards the dataset has; the last one is the validation split "
+        f"(default: {DEFAULT_NUM_SHARDS_TOTAL})",
+    )
+    parser.add_argument(
+        "--base-url",
+        default=DEFAULT_BASE_URL,
+        help="folder URL the shard names are appended to; {repo} is replaced by --repo "
+        f"(default: {DEFAULT_BASE_URL})",
+    )
+    parser.add_argument(
+        "--filename",
+        default=DEFAULT_FILENAME,
+        help="shard name template, {index} is the shard number (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dest",
+        default=None,
+        help="folder to save into (default: $PICOCHAT_HOME/base_data, read by --source hub)",
+    )
     parser.add_argument("--workers", type=int, default=4, help="shards downloaded at once (default: 4)")
-    parser.add_argument("--retries", type=int, default=5,
-                        help="extra attempts per shard after a connection error, HTTP 5xx/429 or a corrupt "
-                        "transfer (default: 5)")
-    parser.add_argument("--backoff", type=float, default=1.0,
-                        help="seconds to wait before the first retry, doubled for each next one (default: 1)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds without any data from the server before an attempt fails (default: 60)")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="extra attempts per shard after a connection error, HTTP 5xx/429 or a corrupt "
+        "transfer (default: 5)",
+    )
+    parser.add_argument(
+        "--backoff",
+        type=float,
+        default=1.0,
+        help="seconds to wait before the first retry, doubled for each next one (default: 1)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds without any data from the server before an attempt fails (default: 60)",
+    )
     return parser
 
 

@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from picochat.checkpoint import (
     capture_rng_state,
+    check_resume,
     checkpoint_dir_for,
-    list_steps,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -51,6 +51,7 @@ from picochat.common import (
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
+    autocast_context,
     cleanup_runtime,
     compute_dtype,
     get_base_dir,
@@ -444,7 +445,7 @@ class BaseTrainer:
         self.ckpt_dir = checkpoint_dir_for("base", self.model_tag)
         self.run_dir = get_base_dir() / "runs" / (args.run or self.model_tag)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.resumed = self._check_resume()
+        self.resumed = check_resume(self.ckpt_dir, args.resume, args.overwrite)
 
         self.tokenizer = get_tokenizer()
         self.token_bytes = get_token_bytes(device)
@@ -488,24 +489,7 @@ class BaseTrainer:
         self.samples: list[str] = []
         self.mfus: list[float] = []
 
-    def autocast(self) -> Any:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.amp.autocast(device_type=self.device.type, dtype=self.dtype)
-
     # -- set-up helpers
-
-    def _check_resume(self) -> bool:
-        args, existing = self.args, list_steps(self.ckpt_dir)
-        if args.resume and not existing:
-            raise PicochatError(f"--resume: no checkpoint in {self.ckpt_dir}; drop --resume to start afresh")
-        if existing and not args.resume and not args.overwrite:
-            raise PicochatError(
-                f"{self.ckpt_dir} already holds checkpoints (latest step {existing[-1]}); pass "
-                "--resume to continue that run, --overwrite to start afresh and replace them, or "
-                "another --model-tag"
-            )
-        return args.resume
 
     def _start_afresh(self) -> None:
         """A new run replaces the old run's metrics and (with --overwrite) its checkpoints."""
@@ -657,7 +641,7 @@ class BaseTrainer:
             lrm,
             muon_momentum(state.step),
             args.grad_clip,
-            self.autocast(),
+            autocast_context(self.device),
         )
         synchronize(self.device)
         dt = time.time() - t0
@@ -699,7 +683,7 @@ class BaseTrainer:
             None,
         )
         self.train_model.eval()
-        with self.autocast():
+        with autocast_context(self.device):
             bpb = evaluate_bpb(self.train_model, iter(val_loader), self.plan.eval_steps, self.token_bytes)
         self.train_model.train()
         self.state.last_val_bpb, self.state.min_val_bpb = bpb, min(self.state.min_val_bpb, bpb)
@@ -718,7 +702,7 @@ class BaseTrainer:
         if self.rank != 0:
             return
         self.model.eval()
-        with self.autocast():
+        with autocast_context(self.device):
             self.samples = [
                 sample_greedy(self.model, self.tokenizer, prompt, SAMPLE_TOKENS, self.device)
                 for prompt in SAMPLE_PROMPTS

@@ -16,7 +16,6 @@ position of the row builder is saved in every checkpoint, so `--resume` continue
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import shutil
 import time
@@ -29,9 +28,9 @@ from tqdm import tqdm
 
 from picochat.checkpoint import (
     capture_rng_state,
+    check_resume,
     checkpoint_dir_for,
     find_model_tag,
-    list_steps,
     load_checkpoint,
     load_model,
     restore_rng_state,
@@ -41,8 +40,8 @@ from picochat.common import (
     PicochatError,
     append_jsonl,
     atomic_write_json,
+    autocast_context,
     cleanup_runtime,
-    compute_dtype,
     get_base_dir,
     init_runtime,
     print0,
@@ -82,11 +81,9 @@ def shifted_targets(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     return ids[:, :-1].contiguous(), targets.contiguous()
 
 
-class PackedRows:
-    """(B, T) batches of conversations laid end to end, like pretraining rows (for mid-training).
-
-    Rows overlap by one token, so every token is a target once. Position: {"epoch", "conv", "offset"}.
-    """
+class ConversationRows:
+    """Batches built from this rank's conversations (`indices` into the task), in order, looping over
+    epochs. `state` is the position ({"epoch", "conv", "offset"}): save it, pass it back to resume."""
 
     def __init__(
         self,
@@ -101,7 +98,28 @@ class PackedRows:
         self.tokenizer, self.conversations, self.indices = tokenizer, conversations, indices
         self.batch_size, self.seq_len, self.device = batch_size, seq_len, device
         self.state = dict(state or {"epoch": 0, "conv": 0, "offset": 0})
-        self._cached: tuple[int, tuple[list[int], list[int]]] | None = None
+
+    def __iter__(self) -> ConversationRows:
+        return self
+
+    def _advance(self) -> None:
+        """Move on to the next conversation (the first one again after the last)."""
+        self.state["conv"], self.state["offset"] = self.state["conv"] + 1, 0
+        if self.state["conv"] == len(self.indices):
+            self.state["epoch"], self.state["conv"] = self.state["epoch"] + 1, 0
+
+    def _to_device(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = shifted_targets(ids, mask)
+        return inputs.to(self.device), targets.to(self.device)
+
+
+class PackedRows(ConversationRows):
+    """(B, T) batches of conversations laid end to end, like pretraining rows (for mid-training).
+
+    Rows overlap by one token, so every token is a target once.
+    """
+
+    _cached: tuple[int, tuple[list[int], list[int]]] | None = None
 
     def _rendered(self) -> tuple[list[int], list[int]]:
         conv = self.state["conv"]
@@ -122,15 +140,10 @@ class PackedRows:
             mask += conv_mask[start:end]
             self.state["offset"] = end
             if end >= len(conv_ids):
-                self.state["conv"], self.state["offset"] = self.state["conv"] + 1, 0
-                if self.state["conv"] == len(self.indices):
-                    self.state["epoch"], self.state["conv"] = self.state["epoch"] + 1, 0
+                self._advance()
         if not consume:
             self.state = saved
         return ids, mask
-
-    def __iter__(self) -> PackedRows:
-        return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
@@ -140,46 +153,27 @@ class PackedRows:
             rows.append((ids + next_id, mask + next_mask))
         ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
         mask = torch.tensor([r[1] for r in rows], dtype=torch.long)
-        return tuple(t.to(self.device) for t in shifted_targets(ids, mask))  # type: ignore[return-value]
+        return self._to_device(ids, mask)
 
 
-class PaddedRows:
+class PaddedRows(ConversationRows):
     """(B, L) batches of whole conversations (cut at T+1 tokens), right-padded to the batch's longest
-    with IGNORE targets (for SFT). Position: {"epoch", "conv"}."""
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        conversations: Task,
-        indices: list[int],
-        batch_size: int,
-        seq_len: int,
-        device: torch.device,
-        state: dict[str, int] | None = None,
-    ) -> None:
-        self.tokenizer, self.conversations, self.indices = tokenizer, conversations, indices
-        self.batch_size, self.seq_len, self.device = batch_size, seq_len, device
-        self.state = dict(state or {"epoch": 0, "conv": 0})
-        self.pad_id = tokenizer.encode_special("<|assistant_end|>")
-
-    def __iter__(self) -> PaddedRows:
-        return self
+    with IGNORE targets (for SFT)."""
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         rendered = []
         for _ in range(self.batch_size):
             example = self.conversations[self.indices[self.state["conv"]]]
             rendered.append(render(self.tokenizer, example, self.seq_len + 1))
-            self.state["conv"] += 1
-            if self.state["conv"] == len(self.indices):
-                self.state["epoch"], self.state["conv"] = self.state["epoch"] + 1, 0
+            self._advance()
         width = max(len(ids) for ids, _ in rendered)
-        ids = torch.full((len(rendered), width), self.pad_id, dtype=torch.long)
+        pad_id = self.tokenizer.encode_special("<|assistant_end|>")  # any id: padding is never a target
+        ids = torch.full((len(rendered), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rendered), width), dtype=torch.long)
         for row, (conv_ids, conv_mask) in enumerate(rendered):
             ids[row, : len(conv_ids)] = torch.tensor(conv_ids)
             mask[row, : len(conv_mask)] = torch.tensor(conv_mask)
-        return tuple(t.to(self.device) for t in shifted_targets(ids, mask))  # type: ignore[return-value]
+        return self._to_device(ids, mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +184,7 @@ class PaddedRows:
 class StageSpec:
     name: str  # "mid" | "sft": the checkpoint stage and report section written
     default_input: str  # the stage `-i` loads by default
-    rows: type  # PackedRows | PaddedRows
+    rows: type[ConversationRows]  # PackedRows | PaddedRows
     warmdown_ratio: float  # fraction of the steps over which the LR decays linearly to 0
     train_mixture: Callable[[str], Task]  # data source -> training conversations
     val_mixture: Callable[[str], Task]  # data source -> held-out conversations for the val loss
@@ -304,7 +298,7 @@ class ChatTrainer:
         self.ckpt_dir = checkpoint_dir_for(spec.name, self.model_tag)
         self.run_dir = get_base_dir() / "runs" / (args.run or f"{spec.name}_{self.model_tag}")
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.resumed = self._check_resume()
+        self.resumed = check_resume(self.ckpt_dir, args.resume, args.overwrite or args.dry_run)
         stage, step = (spec.name, None) if self.resumed else (args.stage, args.step)
         self.model, self.tokenizer, meta = load_model(stage, self.model_tag, step, device, phase="train")
         # the checkpoint this run started from (a resumed run keeps its original input)
@@ -336,7 +330,6 @@ class ChatTrainer:
         rows_state = self._restore() if self.resumed else None
         self.train_rows = self._rows(self.train_task, rows_state)
         self.train_model = wrap_model(self.model, world_size, compile_model=False)
-        self.dtype = compute_dtype(device.type)
         self.samples: list[dict[str, Any]] = []
         print0(
             f"{spec.name} from {self.input['stage']}/{self.model_tag} step {self.input['step']}: "
@@ -356,17 +349,6 @@ class ChatTrainer:
         )
         return rows
 
-    def _check_resume(self) -> bool:
-        args, existing = self.args, list_steps(self.ckpt_dir)
-        if args.resume and not existing:
-            raise PicochatError(f"--resume: no checkpoint in {self.ckpt_dir}; drop --resume to start afresh")
-        if existing and not args.resume and not args.overwrite and not args.dry_run:
-            raise PicochatError(
-                f"{self.ckpt_dir} already holds {self.spec.name} checkpoints (latest step {existing[-1]}); "
-                "pass --resume to continue that run, --overwrite to start afresh, or another --model-tag"
-            )
-        return args.resume
-
     def _restore(self) -> dict[str, int]:
         ckpt = load_checkpoint(self.ckpt_dir, device=self.device)
         if not isinstance(ckpt.optim_state, list) or len(ckpt.optim_state) != len(self.optimizers):
@@ -383,11 +365,6 @@ class ChatTrainer:
         if self.rank == 0:
             trim_metrics(self.metrics_path, self.state.step)
         return rank_state["rows"]
-
-    def autocast(self) -> Any:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.amp.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def run(self) -> dict[str, Any]:
         args, state = self.args, self.state
@@ -430,7 +407,7 @@ class ChatTrainer:
                 lrm,
                 0.95,
                 args.grad_clip,
-                self.autocast(),
+                autocast_context(self.device),
             )
             state.step += 1
             self.log(
@@ -456,7 +433,7 @@ class ChatTrainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _ in range(self.args.eval_batches):
             inputs, targets = next(rows)
-            with self.autocast():
+            with autocast_context(self.device):
                 losses = self.model(inputs, targets, loss_reduction="none")
             valid = targets != IGNORE
             total += torch.stack([losses[valid].double().sum(), valid.sum().double()])

@@ -38,9 +38,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from picochat.checkpoint import (
+    check_resume,
     checkpoint_dir_for,
     find_model_tag,
-    list_steps,
     load_checkpoint,
     load_model,
     save_checkpoint,
@@ -49,8 +49,8 @@ from picochat.common import (
     PicochatError,
     append_jsonl,
     atomic_write_json,
+    autocast_context,
     cleanup_runtime,
-    compute_dtype,
     get_base_dir,
     init_runtime,
     print0,
@@ -214,7 +214,7 @@ class RLTrainer:
         self.ckpt_dir = checkpoint_dir_for("rl", self.model_tag)
         self.run_dir = get_base_dir() / "runs" / (args.run or f"rl_{self.model_tag}")
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.resumed = self._check_resume()
+        self.resumed = check_resume(self.ckpt_dir, args.resume, args.overwrite)
 
         stage, step = ("rl", None) if self.resumed else (args.stage, args.step)
         self.model, self.tokenizer, meta = load_model(stage, self.model_tag, step, device, phase="train")
@@ -238,7 +238,6 @@ class RLTrainer:
         if self.resumed:
             self._restore(meta)
         self.train_model = wrap_model(self.model, world_size, compile_model=False)
-        self.dtype = compute_dtype(device.type)
         print0(
             f"RL from {self.input['stage']}/{self.model_tag} step {self.input['step']}: "
             f"{len(self.train_questions):,} training questions, {len(self.eval_questions)} for pass@k, "
@@ -246,17 +245,6 @@ class RLTrainer:
         )
 
     # -- set-up helpers
-
-    def _check_resume(self) -> bool:
-        args, existing = self.args, list_steps(self.ckpt_dir)
-        if args.resume and not existing:
-            raise PicochatError(f"--resume: no checkpoint in {self.ckpt_dir}; drop --resume to start afresh")
-        if existing and not args.resume and not args.overwrite:
-            raise PicochatError(
-                f"{self.ckpt_dir} already holds RL checkpoints (latest step {existing[-1]}); pass --resume "
-                "to continue that run, --overwrite to start afresh and replace them, or another --model-tag"
-            )
-        return args.resume
 
     def _fitting(self, task: GSM8K) -> list[dict[str, Any]]:
         """The task's questions whose prompt leaves room for --max-new-tokens in the model's context."""
@@ -284,11 +272,6 @@ class RLTrainer:
         print0(f"resuming from {ckpt.meta['path']} (step {self.state.step})")
         if self.rank == 0:
             trim_metrics(self.metrics_path, self.state.step)
-
-    def autocast(self) -> Any:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.amp.autocast(device_type=self.device.type, dtype=self.dtype)
 
     # -- the loop
 
@@ -386,7 +369,7 @@ class RLTrainer:
             sync = last_question and c == len(chunks) - 1
             no_sync = isinstance(self.train_model, DDP) and not sync
             with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
-                with self.autocast():
+                with autocast_context(self.device):
                     logp = -self.train_model(inputs[rows], targets[rows], loss_reduction="none")
                 loss = policy_gradient_loss(logp, mask[rows], advantages[rows])
                 (loss / (len(chunks) * questions_per_rank)).backward()

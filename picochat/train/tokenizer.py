@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from tqdm import tqdm
 
 from picochat.common import PicochatError, run_cli
-from picochat.dataset import SOURCES, count_documents, iter_documents
+from picochat.dataset import count_documents, iter_documents
 from picochat.report import record
 from picochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer, tokenizer_dir
 
@@ -49,11 +49,10 @@ def add_corpus_args(parser: argparse.ArgumentParser) -> None:
     """The flags choosing the training text (shared with `picochat tokenizer eval --compare-vocab-sizes`)."""
     parser.add_argument(
         "--source",
-        choices=SOURCES,
         default="bundled",
         help="pretraining shards to read: 'bundled' = the repository's data/pretrain, 'hub' = shards fetched "
-        "by `picochat download` into $PICOCHAT_HOME/base_data (default: bundled). The last shard is "
-        "validation and is never trained on",
+        "by `picochat download` into $PICOCHAT_HOME/base_data, or a folder of parquet files with a `text` "
+        "column (default: bundled). The last shard is validation and is never trained on",
     )
     parser.add_argument(
         "--max-chars",
