@@ -166,8 +166,11 @@ def test_server_error_is_retried(hub, tmp_path, status):
 
 @pytest.mark.parametrize(
     ("fault", "redirect", "message"),
-    [("bad-magic", False, "no PAR1 magic"), ("wrong-sha", False, "sha256 mismatch"),
-     ("wrong-sha", True, "sha256 mismatch")],  # fmt: skip
+    [
+        ("bad-magic", False, "no PAR1 magic"),
+        ("wrong-sha", False, "sha256 mismatch"),
+        ("wrong-sha", True, "sha256 mismatch"),
+    ],  # fmt: skip
 )
 def test_corrupt_shard_never_renamed_and_command_fails(hub, tmp_path, capsys, fault, redirect, message):
     name = "shard_00000.parquet"
