@@ -23,7 +23,6 @@ samples from fixed prompts, then records the "base-eval" report section.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import gzip
 import json
@@ -42,8 +41,8 @@ from tqdm import tqdm
 from picochat.common import (
     DATA_DIR,
     PicochatError,
+    autocast_context,
     cleanup_runtime,
-    compute_dtype,
     get_rank,
     get_world_size,
     init_runtime,
@@ -308,7 +307,7 @@ def evaluate_core(
     try:
         for spec in specs:
             data = load_examples(spec)
-            with _autocast(device):
+            with autocast_context(torch.device(device)):
                 counts = evaluate_task(
                     model,
                     tokenizer,
@@ -344,12 +343,6 @@ def evaluate_core(
         "summary": coverage_summary(all_specs, None if tasks is None else covered),
         "max_per_task": max_per_task,
     }
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast where `compute_dtype` picks it (CUDA), nothing on CPU."""
-    dtype = compute_dtype(device.type)
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 def _all_reduce_counts(counts: tuple[int, int], device: torch.device, distributed: bool) -> tuple[int, int]:
@@ -471,11 +464,11 @@ def _bpb_and_samples(model: Any, tokenizer: Any, device: torch.device, args: arg
             world_size,
             None,
         )
-        with _autocast(device):
+        with autocast_context(torch.device(device)):
             out[f"{split}_bpb"] = evaluate_bpb(model, iter(loader), steps, token_bytes)
         print0(f"{split} bpb: {out[f'{split}_bpb']:.4f}")
     if get_rank() == 0:
-        with _autocast(device):
+        with autocast_context(torch.device(device)):
             out["samples"] = [
                 sample_greedy(model, tokenizer, q, SAMPLE_TOKENS, device) for q in SAMPLE_PROMPTS
             ]

@@ -153,6 +153,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     e.add_argument(
         "--eval-tokens", type=int, default=-1, help="validation tokens per eval; -1 = 10 total batches"
     )
+    e.add_argument(
+        "--core-metric-every",
+        type=int,
+        default=-1,
+        help="CORE score (bundled tasks) every N steps and at the end; -1 = never (run `picochat eval base`)",
+    )
+    e.add_argument(
+        "--core-metric-max-per-task", type=int, default=500, help="items per CORE task during training"
+    )
     e.add_argument("--sample-every", type=int, default=200, help="print samples every N steps (0 = end only)")
     e.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0 = end only)")
     e.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0 = all)")
@@ -430,6 +439,7 @@ class LoopState:
     last_val_bpb: float = float("nan")
     train_seconds: float = 0.0  # wall clock spent in the loop, summed over resumed segments
     horizon: int = 0  # the step the schedule ends at (moves with --max-minutes)
+    last_core: float | None = None  # with --core-metric-every
 
 
 class BaseTrainer:
@@ -609,6 +619,9 @@ class BaseTrainer:
             handled = self.resumed and state.step == start_step  # evaluated and saved before the kill
             if not handled and (last or every(args.eval_every, state.step)):
                 self.evaluate()
+            core_due = args.core_metric_every > 0 and (last or every(args.core_metric_every, state.step))
+            if not handled and core_due:
+                self.evaluate_core()
             if not handled and (last or (state.step > 0 and every(args.sample_every, state.step))):
                 self.sample()
             if not handled and (last or every(args.save_every, state.step)) and state.step > 0:
@@ -698,6 +711,20 @@ class BaseTrainer:
             }
         )
 
+    def evaluate_core(self) -> None:
+        from picochat.evals.core import evaluate_core
+
+        self.model.eval()
+        max_per_task = self.args.core_metric_max_per_task
+        result = evaluate_core(
+            self.model, self.tokenizer, self.device, max_per_task if max_per_task > 0 else None
+        )
+        self.model.train()
+        self.state.last_core = result["core"]
+        if self.rank == 0:
+            tqdm.write(f"step {self.state.step:6d} | CORE {result['core']:.4f}")
+        self.log({"step": self.state.step, "kind": "core", "core": result["core"]})
+
     def sample(self) -> None:
         if self.rank != 0:
             return
@@ -752,6 +779,7 @@ class BaseTrainer:
             "train_minutes": state.train_seconds / 60,
             "final_val_bpb": state.last_val_bpb,
             "min_val_bpb": state.min_val_bpb,
+            "core_metric": state.last_core,
             "mfu_percent": sum(steady) / len(steady) if steady else None,
             "device": self.device.type,
             "samples": self.samples,
