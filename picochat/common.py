@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,21 @@ def init_runtime(device_type: str = "") -> tuple[bool, int, int, int, torch.devi
 
 
 def cleanup_runtime() -> None:
+    """Leave the process group. The barrier first makes every rank finish its collectives, so that no
+    rank tears gloo/NCCL down while another still talks to it (that hangs or aborts at exit)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_runtime(device_type: str = "") -> Iterator[tuple[int, int, torch.device]]:
+    """`init_runtime` for a stage's main(): yields (rank, world_size, device) and leaves the process
+    group cleanly at the end. When an error propagates, the group is left as it is: the failing rank
+    exits at once and torchrun stops the others (a barrier there would wait for them forever)."""
+    _, rank, _, world_size, device = init_runtime(device_type)
+    yield rank, world_size, device
+    cleanup_runtime()
 
 
 def synchronize(device: torch.device) -> None:

@@ -134,6 +134,12 @@ class TokenBatchLoader:
         epoch, unit = self._cursor
         return {"epoch": epoch, "unit": unit, "row": self._row, "world_size": self.world_size}
 
+    def __enter__(self) -> TokenBatchLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop the background thread (it also stops by itself when the process ends)."""
         self._stop.set()

@@ -35,9 +35,8 @@ from tqdm import tqdm
 
 from picochat.common import (
     PicochatError,
-    cleanup_runtime,
     compute_dtype,
-    init_runtime,
+    distributed_runtime,
     print0,
     run_cli,
 )
@@ -379,8 +378,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from picochat.engine import load_engine
     from picochat.report import record
 
-    _, rank, _, _, device = init_runtime(args.device_type)
-    try:
+    with distributed_runtime(args.device_type) as (rank, _, device):
         engine, meta = load_engine(args.stage, args.model_tag, args.step, str(device))  # cuda:<local rank>
         t0 = time.time()
         result = run_chat_eval(
@@ -412,8 +410,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 "seconds": time.time() - t0,
             },
         )
-    finally:
-        cleanup_runtime()
     return 0
 
 

@@ -42,10 +42,9 @@ from picochat.common import (
     DATA_DIR,
     PicochatError,
     autocast_context,
-    cleanup_runtime,
+    distributed_runtime,
     get_rank,
     get_world_size,
-    init_runtime,
     print0,
     run_cli,
 )
@@ -409,8 +408,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise PicochatError("--max-per-task must be at least 1 (leave it out to evaluate every item)")
     from picochat.checkpoint import load_model
 
-    _, _, _, _, device = init_runtime(args.device_type)
-    try:
+    with distributed_runtime(args.device_type) as (_, _, device):
         model, tokenizer, meta = load_model(args.stage, args.model_tag, args.step, device)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
         t0 = time.time()
@@ -433,8 +431,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         from picochat.report import record
 
         record("base-eval", section)
-    finally:
-        cleanup_runtime()
     return 0
 
 
@@ -454,17 +450,9 @@ def _bpb_and_samples(model: Any, tokenizer: Any, device: torch.device, args: arg
     out: dict[str, Any] = {}
     for split in ("train", "val"):
         loader = TokenBatchLoader(
-            tokenizer,
-            args.device_batch_size,
-            seq_len,
-            split,
-            device,
-            args.source,
-            get_rank(),
-            world_size,
-            None,
+            tokenizer, args.device_batch_size, seq_len, split, device, args.source, get_rank(), world_size
         )
-        with autocast_context(torch.device(device)):
+        with loader, autocast_context(torch.device(device)):
             out[f"{split}_bpb"] = evaluate_bpb(model, iter(loader), steps, token_bytes)
         print0(f"{split} bpb: {out[f'{split}_bpb']:.4f}")
     if get_rank() == 0:

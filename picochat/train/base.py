@@ -52,10 +52,9 @@ from picochat.common import (
     atomic_write_json,
     atomic_write_text,
     autocast_context,
-    cleanup_runtime,
     compute_dtype,
+    distributed_runtime,
     get_base_dir,
-    init_runtime,
     print0,
     run_cli,
     synchronize,
@@ -347,11 +346,8 @@ def wrap_model(model: torch.nn.Module, world_size: int, compile_model: bool) -> 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    _, rank, _, world_size, device = init_runtime(args.device_type)
-    try:
+    with distributed_runtime(args.device_type) as (rank, world_size, device):
         BaseTrainer(args, rank, world_size, device).run()
-    finally:
-        cleanup_runtime()
     return 0
 
 
@@ -693,10 +689,9 @@ class BaseTrainer:
             args.source,
             self.rank,
             self.world_size,
-            None,
         )
         self.train_model.eval()
-        with autocast_context(self.device):
+        with val_loader, autocast_context(self.device):
             bpb = evaluate_bpb(self.train_model, iter(val_loader), self.plan.eval_steps, self.token_bytes)
         self.train_model.train()
         self.state.last_val_bpb, self.state.min_val_bpb = bpb, min(self.state.min_val_bpb, bpb)
@@ -767,6 +762,7 @@ class BaseTrainer:
             )
 
     def finish(self) -> dict[str, Any]:
+        self.train_loader.close()
         state, plan = self.state, self.plan
         steady = self.mfus[3:] or self.mfus  # the first steps include warm-up (allocation, compilation)
         summary = {

@@ -41,9 +41,8 @@ from picochat.common import (
     append_jsonl,
     atomic_write_json,
     autocast_context,
-    cleanup_runtime,
+    distributed_runtime,
     get_base_dir,
-    init_runtime,
     print0,
 )
 from picochat.engine import Engine
@@ -266,11 +265,8 @@ def run_stage(spec: StageSpec, parser: argparse.ArgumentParser, argv: list[str] 
     for name in ("device_batch_size", "eval_batches"):
         if getattr(args, name) < 1:
             raise PicochatError(f"--{name.replace('_', '-')} must be at least 1")
-    _, rank, _, world_size, device = init_runtime(args.device_type)
-    try:
+    with distributed_runtime(args.device_type) as (rank, world_size, device):
         ChatTrainer(spec, args, rank, world_size, device).run()
-    finally:
-        cleanup_runtime()
     return 0
 
 

@@ -50,9 +50,8 @@ from picochat.common import (
     append_jsonl,
     atomic_write_json,
     autocast_context,
-    cleanup_runtime,
+    distributed_runtime,
     get_base_dir,
-    init_runtime,
     print0,
     run_cli,
 )
@@ -196,11 +195,8 @@ class LoopState:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    _, rank, _, world_size, device = init_runtime(args.device_type)
-    try:
+    with distributed_runtime(args.device_type) as (rank, world_size, device):
         RLTrainer(args, rank, world_size, device).run()
-    finally:
-        cleanup_runtime()
     return 0
 
 
