@@ -77,6 +77,14 @@ def list_steps(checkpoint_dir: str | Path) -> list[int]:
     return sorted(steps)
 
 
+def restore_optimizers(optimizers: list[torch.optim.Optimizer], ckpt: Checkpoint) -> None:
+    """Load a checkpoint's optimiser states into `optimizers` (one state per optimiser, same order)."""
+    if not isinstance(ckpt.optim_state, list) or len(ckpt.optim_state) != len(optimizers):
+        raise PicochatError(f"{ckpt.meta['path']} has no optimiser state for these optimisers; cannot resume")
+    for opt, opt_state in zip(optimizers, ckpt.optim_state, strict=True):
+        opt.load_state_dict(opt_state)
+
+
 def check_resume(checkpoint_dir: str | Path, resume: bool, overwrite: bool) -> bool:
     """Whether a run continues the checkpoints in `checkpoint_dir` (--resume) or starts afresh.
 

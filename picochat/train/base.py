@@ -43,6 +43,7 @@ from picochat.checkpoint import (
     check_resume,
     checkpoint_dir_for,
     load_checkpoint,
+    restore_optimizers,
     restore_rng_state,
     save_checkpoint,
 )
@@ -497,13 +498,6 @@ class BaseTrainer:
 
     # -- set-up helpers
 
-    def _start_afresh(self) -> None:
-        """A new run replaces the old run's metrics and (with --overwrite) its checkpoints."""
-        barrier()  # every rank has looked for checkpoints before rank 0 deletes them
-        if self.rank == 0:
-            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-            self.metrics_path.unlink(missing_ok=True)
-
     def _restore(self) -> Any:
         """Load the latest checkpoint into model, optimisers, RNG and loop state; return the loader state."""
         ckpt = load_checkpoint(self.ckpt_dir, device=self.device)
@@ -520,12 +514,7 @@ class BaseTrainer:
                 f"{saved_total}; pass --total-batch-size {saved_total}"
             )
         self.model.load_state_dict(ckpt.model_state)
-        if not isinstance(ckpt.optim_state, list) or len(ckpt.optim_state) != len(self.optimizers):
-            raise PicochatError(
-                f"{ckpt.meta['path']} has no optimiser state for these optimisers; cannot resume"
-            )
-        for opt, opt_state in zip(self.optimizers, ckpt.optim_state, strict=True):
-            opt.load_state_dict(opt_state)
+        restore_optimizers(self.optimizers, ckpt)
         rank_state = ckpt.meta["rank_state"] or {}
         if "rng" in rank_state:
             restore_rng_state(rank_state["rng"])
@@ -598,7 +587,7 @@ class BaseTrainer:
         budget = args.max_minutes * 60
         start_step, start_seconds = state.step, state.train_seconds
         if not self.resumed:
-            self._start_afresh()
+            start_afresh(self.rank, self.ckpt_dir, self.metrics_path)
         loop_t0 = time.time() - start_seconds
         bar = tqdm(
             total=state.horizon, initial=state.step, disable=self.rank != 0, unit="step", dynamic_ncols=True
@@ -796,6 +785,14 @@ class BaseTrainer:
 
 def every(n: int, step: int) -> bool:
     return n > 0 and step % n == 0
+
+
+def start_afresh(rank: int, ckpt_dir: Path, metrics_path: Path) -> None:
+    """A new run replaces the old run's metrics and (with --overwrite) its checkpoints."""
+    barrier()  # every rank has looked for checkpoints before rank 0 deletes them
+    if rank == 0:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        metrics_path.unlink(missing_ok=True)
 
 
 def barrier() -> None:

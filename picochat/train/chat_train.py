@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +32,7 @@ from picochat.checkpoint import (
     find_model_tag,
     load_checkpoint,
     load_model,
+    restore_optimizers,
     restore_rng_state,
     save_checkpoint,
 )
@@ -49,9 +49,9 @@ from picochat.engine import Engine
 from picochat.report import record
 from picochat.tasks import GSM8K, Task
 from picochat.train.base import (
-    barrier,
     every,
     lr_multiplier,
+    start_afresh,
     synced_max,
     train_step,
     trim_metrics,
@@ -265,6 +265,9 @@ def run_stage(spec: StageSpec, parser: argparse.ArgumentParser, argv: list[str] 
     for name in ("device_batch_size", "eval_batches"):
         if getattr(args, name) < 1:
             raise PicochatError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("max_minutes", "eval_every", "save_every", "keep_last"):
+        if getattr(args, name) < 0:
+            raise PicochatError(f"--{name.replace('_', '-')} cannot be negative")
     with distributed_runtime(args.device_type) as (rank, world_size, device):
         ChatTrainer(spec, args, rank, world_size, device).run()
     return 0
@@ -340,17 +343,13 @@ class ChatTrainer:
             raise PicochatError(
                 f"no {self.spec.name} conversations for rank {self.rank}: the mixture is empty"
             )
-        rows = self.spec.rows(
+        return self.spec.rows(
             self.tokenizer, task, indices, self.args.device_batch_size, self.seq_len, self.device, state
         )
-        return rows
 
     def _restore(self) -> dict[str, int]:
         ckpt = load_checkpoint(self.ckpt_dir, device=self.device)
-        if not isinstance(ckpt.optim_state, list) or len(ckpt.optim_state) != len(self.optimizers):
-            raise PicochatError(f"{ckpt.meta['path']} has no optimiser state for these optimisers")
-        for opt, opt_state in zip(self.optimizers, ckpt.optim_state, strict=True):
-            opt.load_state_dict(opt_state)
+        restore_optimizers(self.optimizers, ckpt)
         self.state = LoopState(**ckpt.meta["loop"])
         self.planned = ckpt.meta.get("planned", self.state.horizon)
         rank_state = ckpt.meta.get("rank_state") or {}
@@ -367,10 +366,7 @@ class ChatTrainer:
         budget = args.max_minutes * 60
         start_step, start_seconds = state.step, state.train_seconds
         if not self.resumed and not args.dry_run:
-            barrier()  # every rank has looked for checkpoints before rank 0 deletes them
-            if self.rank == 0:
-                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-                self.metrics_path.unlink(missing_ok=True)
+            start_afresh(self.rank, self.ckpt_dir, self.metrics_path)
         loop_t0 = time.time() - start_seconds
         bar = tqdm(
             total=state.horizon, initial=state.step, disable=self.rank != 0, unit="step", dynamic_ncols=True

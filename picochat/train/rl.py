@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import shutil
 import time
 from typing import Any
 
@@ -43,6 +42,7 @@ from picochat.checkpoint import (
     find_model_tag,
     load_checkpoint,
     load_model,
+    restore_optimizers,
     save_checkpoint,
 )
 from picochat.common import (
@@ -58,7 +58,7 @@ from picochat.common import (
 from picochat.engine import Engine
 from picochat.report import record
 from picochat.tasks import GSM8K
-from picochat.train.base import barrier, every, trim_metrics, wrap_model
+from picochat.train.base import every, start_afresh, trim_metrics, wrap_model
 
 INPUT_STAGES = ("base", "mid", "sft", "rl")
 
@@ -255,12 +255,7 @@ class RLTrainer:
 
     def _restore(self, meta: dict[str, Any]) -> None:
         ckpt = load_checkpoint(self.ckpt_dir, meta["step"], self.device)
-        if not isinstance(ckpt.optim_state, list) or len(ckpt.optim_state) != len(self.optimizers):
-            raise PicochatError(
-                f"{ckpt.meta['path']} has no optimiser state for these optimisers; cannot resume"
-            )
-        for opt, opt_state in zip(self.optimizers, ckpt.optim_state, strict=True):
-            opt.load_state_dict(opt_state)
+        restore_optimizers(self.optimizers, ckpt)
         num_steps = self.state.num_steps
         self.state = LoopState(**ckpt.meta["loop"])
         if self.args.num_steps > 0:  # --num-steps may extend (or shorten) a run
@@ -275,10 +270,7 @@ class RLTrainer:
         args, state = self.args, self.state
         start_step = state.step
         if not self.resumed:
-            barrier()  # every rank has looked for checkpoints before rank 0 deletes them
-            if self.rank == 0:
-                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-                self.metrics_path.unlink(missing_ok=True)
+            start_afresh(self.rank, self.ckpt_dir, self.metrics_path)
         loop_t0 = time.time() - state.train_seconds
         bar = tqdm(
             total=state.num_steps, initial=state.step, disable=self.rank != 0, unit="step", dynamic_ncols=True
