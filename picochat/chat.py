@@ -1,24 +1,63 @@
 """`picochat chat`: talk to a trained model in the terminal.
 
 Multi-turn, with the reply streamed token by token. Tool calls are shown dimmed, e.g.
-`[python] 2+3 -> 5`. Commands: /clear starts a new conversation, /quit (or Ctrl-D) leaves.
-`-p "prompt"` answers one prompt, prints the reply and exits (for scripts).
+`[python] 2+3 -> 5`. Line editing and history (arrow keys, Ctrl-R) come from readline; commands start
+with "/" (`/help` lists them) and never reach the model. `-p "prompt"` answers one prompt, prints the
+reply and exits (for scripts). Without `-i`, the newest trained stage is loaded (rl > sft > mid > base),
+here and in `picochat serve` (`default_stage`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from typing import Any, TextIO
 
 import torch
 
-from picochat.checkpoint import STAGES
-from picochat.common import PicochatError, run_cli
+from picochat.checkpoint import STAGES, list_steps
+from picochat.common import PicochatError, get_base_dir, run_cli
 from picochat.engine import Engine, ReplyText, context_notice, fit_conversation, load_engine, prompt_budget
+from picochat.sampling import SamplingParams
 
 DIM, RESET = "\033[2m", "\033[0m"
 LABELS = {"python": " [python] ", "python_output": " -> "}  # shown before a tool call and its output
+COMMANDS = {
+    "/help": "list these commands",
+    "/clear": "start a new conversation (the system prompt stays)",
+    "/system TEXT": "set the system prompt and start a new conversation (/system alone clears it)",
+    "/show": "show the stage, the system prompt and the sampling settings",
+    "/quit": "leave (Ctrl-D too)",
+}
+
+
+def default_stage() -> str:
+    """The newest stage in pipeline order (rl > sft > mid > base) that has a checkpoint; sft if none."""
+    root = get_base_dir() / "checkpoints"
+    for stage in reversed(STAGES):
+        folder = root / stage
+        if folder.is_dir() and any(list_steps(tag) for tag in folder.iterdir() if tag.is_dir()):
+            return stage
+    return "sft"  # nothing trained yet: loading it explains what to train
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """The sampling flags as SamplingParams, or one PicochatError line naming the bad flag."""
+    if args.max_tokens < 1:
+        raise PicochatError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    try:
+        return SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        flag = {"temperature": "-t/--temperature", "top_k": "-k/--top-k", "top_p": "--top-p"}
+        name = str(e).split()[0]
+        raise PicochatError(f"{flag.get(name, name)}: {e}") from e
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -28,9 +67,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "-i",
         "--stage",
-        default="sft",
+        default=None,
         choices=STAGES,
-        help="which stage's checkpoint to load (default: sft)",
+        help="which stage's checkpoint to load (default: the newest trained, rl > sft > mid > base)",
     )
     parser.add_argument(
         "--model-tag", default=None, help="checkpoint model tag, e.g. d4 (default: the deepest)"
@@ -49,7 +88,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass"
     )
     parser.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
-    parser.add_argument("--system", default=None, help="system prompt, prepended to the first user message")
+    parser.add_argument(
+        "--system", default=None, help="system prompt, prepended to the first user message (/system in chat)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible replies")
     parser.add_argument(
         "--device-type", default="", choices=["cuda", "cpu", "mps"], help="device (default: autodetect)"
@@ -62,6 +103,7 @@ class Chat:
 
     def __init__(self, engine: Engine, args: argparse.Namespace, out: TextIO) -> None:
         self.engine, self.args, self.out = engine, args, out
+        self.params = sampling_from_args(args)
         self.dim = out.isatty()
         self.messages: list[dict[str, Any]] = []
         self.clear()
@@ -73,7 +115,7 @@ class Chat:
         """Stream the assistant's reply to `user_text`; the exchange joins the conversation once complete
         (so a reply interrupted with Ctrl-C leaves the conversation as it was)."""
         messages = [*self.messages, {"role": "user", "content": user_text}]
-        budget = prompt_budget(self.engine.max_context, self.args.max_tokens)
+        budget = prompt_budget(self.engine.max_context, self.params.max_tokens)
         conversation, dropped = fit_conversation(self.engine.tokenizer, {"messages": messages}, budget)
         if dropped:
             self._note(f"({context_notice(dropped, self.engine.max_context)})\n")
@@ -81,13 +123,14 @@ class Chat:
         parts: list[dict[str, str]] = []
         text = ReplyText(self.engine.tokenizer)
         finish = None
+        p = self.params
         for (step,) in self.engine.stream(
             tokens,
-            max_tokens=self.args.max_tokens,
-            temperature=self.args.temperature,
-            top_k=self.args.top_k or None,
-            top_p=self.args.top_p,
-            seed=self.args.seed,
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            seed=p.seed,
         ):
             for kind, piece in text.feed(step.token, step.kind):
                 self._show(kind, piece, parts)
@@ -115,28 +158,62 @@ class Chat:
         sys.stderr.flush()
 
 
+def command(chat: Chat, line: str, out: TextIO) -> bool:
+    """Run a /command typed at the prompt; return False when the chat should end."""
+    name, _, rest = line.partition(" ")
+    if name == "/quit":
+        return False
+    if name == "/help":
+        width = max(map(len, COMMANDS))
+        out.write("".join(f"  {c.ljust(width)}  {what}\n" for c, what in COMMANDS.items()))
+    elif name == "/clear":
+        chat.clear()
+        out.write("(new conversation)\n")
+    elif name == "/system":
+        chat.args.system = rest.strip() or None
+        chat.clear()
+        out.write(f"(system prompt {'set' if chat.args.system else 'cleared'}; new conversation)\n")
+    elif name == "/show":
+        settings = ", ".join(f"{k}={v}" for k, v in asdict(chat.params).items() if k in SHOWN)
+        out.write(f"stage: {chat.args.stage}\nsystem prompt: {chat.args.system or '(none)'}\n{settings}\n")
+    else:
+        out.write(f"unknown command {name}; /help lists the commands\n")
+    return True
+
+
+SHOWN = ("temperature", "top_k", "top_p", "max_tokens", "seed")
+
+
+def _enable_line_editing() -> None:
+    """Arrow-key editing and history for input() (history kept in memory for this session)."""
+    try:
+        import readline  # noqa: F401  (importing it is what turns line editing on)
+    except ImportError:  # Windows without pyreadline: plain input() still works
+        pass
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1:
-        raise PicochatError("need --temperature >= 0, 0 < --top-p <= 1 and --max-tokens >= 1")
-    engine, _ = load_engine(args.stage, args.model_tag, args.step, args.device_type)
+    sampling_from_args(args)  # bad flags fail before the model loads
+    if args.stage is None:
+        args.stage = default_stage()
+    engine, meta = load_engine(args.stage, args.model_tag, args.step, args.device_type)
     torch.set_grad_enabled(False)
     chat = Chat(engine, args, sys.stdout)
     if args.prompt is not None:
         chat.reply(args.prompt)
         return 0
-    print(f"picochat ({args.stage} model). /clear: new conversation, /quit or Ctrl-D: leave.")
+    _enable_line_editing()
+    print(f"picochat: {args.stage} model from {meta['path']}. /help lists the commands, Ctrl-D leaves.")
     while True:
         try:
             line = input("\nUser: ").strip()
         except EOFError:
             print()
             return 0
-        if line == "/quit":
-            return 0
-        if line == "/clear":
-            chat.clear()
-            print("(new conversation)")
+        if line.startswith("/"):
+            if not command(chat, line, sys.stdout):
+                return 0
             continue
         if line:
             print("\nAssistant: ", end="", flush=True)

@@ -12,7 +12,7 @@ import time
 
 import uvicorn
 
-from picochat.serve.backend import Delta, QueueFullError, SamplingParams
+from picochat.serve.backend import Delta, QueueFullError, SamplingParams, TokenLogprob
 
 LONG_WORDS = 400
 NOTICE = "oldest turns dropped to fit the context"
@@ -58,17 +58,55 @@ def echo_text(question: str, seed: int | None = None) -> str:
     return f"Echo: {question}. This is a fake reply." + ("" if seed is None else f" seed={seed}")
 
 
+class ByteTokenizer:
+    """A tokenizer for the fake backend: token 0 is <|bos|>, token b + 1 is byte b."""
+
+    def get_vocab_size(self) -> int:
+        return 257
+
+    def get_bos_token_id(self) -> int:
+        return 0
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 1 for b in text.encode()]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - 1 for i in ids if i > 0).decode(errors="replace")
+
+
+def fake_logprob(text: str, top_logprobs: int, logprob: float = -0.5) -> TokenLogprob:
+    """The fake model's log-prob of a token: `logprob`, with alternatives "alt0", "alt1", ... below it."""
+    alternatives = [(text, logprob)] + [(f"alt{i}", logprob - 1 - i) for i in range(top_logprobs)]
+    top = tuple(TokenLogprob(t, tuple(t.encode()), lp) for t, lp in alternatives[:top_logprobs])
+    return TokenLogprob(text, tuple(text.encode()), logprob, top)
+
+
+def completion_words(prompt_text: str) -> list[str]:
+    """What the fake model appends to a raw prompt."""
+    return [f" w{i}" for i in range(6)] + [f" (after {len(prompt_text)} chars)"]
+
+
 class FakeBackend:
     """Streams `scripted_reply` one token per `delay` seconds, with `slots` concurrent generations and
     `max_queue` waiting ones; beyond that `generate` raises QueueFullError. Keywords in the last user
     message trigger the other paths: "busy" (queue full), "notice" (a notice on the first delta),
-    "explode" (an error after two tokens). Records every request and counts cancelled generations."""
+    "explode" (an error after two tokens). Records every request and counts cancelled generations.
+    Also the raw-text side of the interface: `complete` (appends `completion_words`), `score`, `tokenizer`;
+    with params.logprobs every sampled token carries `fake_logprob` (tool outputs carry none)."""
 
-    model_name = "fake-d4"
     max_context = 1024
+    tokenizer = ByteTokenizer()
 
-    def __init__(self, slots: int = 64, max_queue: int = 0, delay: float = 0.002, long_delay: float = 0.02):
+    def __init__(
+        self,
+        slots: int = 64,
+        max_queue: int = 0,
+        delay: float = 0.002,
+        long_delay: float = 0.02,
+        model_name: str = "fake-d4",
+    ):
         self.slots, self.max_queue, self.delay, self.long_delay = slots, max_queue, delay, long_delay
+        self.model_name = model_name
         self.active = 0
         self.waiting = 0
         self.requests: list[tuple[list[dict], SamplingParams]] = []
@@ -79,14 +117,28 @@ class FakeBackend:
     def stats(self) -> dict:
         return {"active": self.active, "queued": self.waiting}
 
-    async def generate(self, messages: list[dict], params: SamplingParams):
+    def generate(self, messages: list[dict], params: SamplingParams):
         question = last_user_text(messages)
-        if "busy" in question or self.active + self.waiting >= self.slots + self.max_queue:
-            raise QueueFullError("the fake backend's queue is full", retry_after=2)
         self.requests.append((messages, params))
-        self._slot_free = self._slot_free or asyncio.Condition()
         tokens = scripted_reply(messages, params)
         delay = self.long_delay if len(tokens) == LONG_WORDS else self.delay
+        prompt_tokens = sum(len(str(m["content"]).split()) for m in messages)
+        return self._stream(tokens, params, question, delay, prompt_tokens)
+
+    def complete(self, prompt: list[int], params: SamplingParams):
+        text = self.tokenizer.decode(prompt)
+        self.requests.append((text, params))
+        tokens = [("text", word) for word in completion_words(text)]
+        return self._stream(tokens, params, text, self.delay, len(prompt))
+
+    async def score(self, prompt: list[int], top_logprobs: int) -> list[TokenLogprob | None]:
+        await asyncio.sleep(0)
+        return [None] + [fake_logprob(self.tokenizer.decode([t]), top_logprobs, -t / 100) for t in prompt[1:]]
+
+    async def _stream(self, tokens, params: SamplingParams, question: str, delay: float, prompt_tokens: int):
+        if "busy" in question or self.active + self.waiting >= self.slots + self.max_queue:
+            raise QueueFullError("the fake backend's queue is full", retry_after=2)
+        self._slot_free = self._slot_free or asyncio.Condition()
         self.waiting += 1
         holding_slot = False
         try:
@@ -100,9 +152,14 @@ class FakeBackend:
                 await asyncio.sleep(delay)
                 if i == 2 and "explode" in question:
                     raise RuntimeError("the fake model exploded")
-                yield Delta(text=text, kind=kind, notice=NOTICE if i == 0 and "notice" in question else None)
+                logprobs = (
+                    (fake_logprob(text, params.top_logprobs),)
+                    if params.logprobs and kind != "python_output"
+                    else ()
+                )
+                notice = NOTICE if i == 0 and "notice" in question else None
+                yield Delta(text=text, kind=kind, notice=notice, logprobs=logprobs)
             finish = "length" if len(tokens) > params.max_tokens else "stop"
-            prompt_tokens = sum(len(str(m["content"]).split()) for m in messages)
             yield Delta(
                 finish_reason=finish,
                 prompt_tokens=prompt_tokens,

@@ -24,6 +24,7 @@ from picochat.serve.app import create_app
 from picochat.serve.backend import ShuttingDownError
 from picochat.serve.protocol import Limits
 
+MODEL = "fake-d4"
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LIMITS = Limits(max_messages=8, max_message_chars=200, max_tokens=64, default_max_tokens=32, max_n=3)
@@ -102,7 +103,7 @@ def wait_until(condition, timeout: float = 10.0) -> bool:
 
 
 def test_plain_completion(client, backend):
-    reply = client.chat.completions.create(model="anything", messages=user("hello"))
+    reply = client.chat.completions.create(model=MODEL, messages=user("hello"))
     assert reply.object == "chat.completion" and reply.model == "fake-d4"
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == echo_text("hello")
@@ -115,7 +116,7 @@ def test_plain_completion(client, backend):
 
 def test_sampling_params_reach_the_backend(client, backend):
     client.chat.completions.create(
-        model="m",
+        model=MODEL,
         messages=[{"role": "system", "content": "Be brief."}, *user("params please")],
         temperature=0.3,
         top_p=0.9,
@@ -137,7 +138,7 @@ def test_sampling_params_reach_the_backend(client, backend):
 def test_streaming_reassembles_the_reply(client):
     chunks = list(
         client.chat.completions.create(
-            model="m", messages=user("stream me"), stream=True, stream_options={"include_usage": True}
+            model=MODEL, messages=user("stream me"), stream=True, stream_options={"include_usage": True}
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -149,35 +150,35 @@ def test_streaming_reassembles_the_reply(client):
 
 
 def test_n_choices_get_distinct_seeds(client):
-    reply = client.chat.completions.create(model="m", messages=user("twice"), n=2, seed=7)
+    reply = client.chat.completions.create(model=MODEL, messages=user("twice"), n=2, seed=7)
     assert [c.index for c in reply.choices] == [0, 1]
     assert [c.message.content for c in reply.choices] == [echo_text("twice", 7), echo_text("twice", 8)]
     streamed = {0: "", 1: ""}
-    for chunk in client.chat.completions.create(model="m", messages=user("twice"), n=2, seed=7, stream=True):
+    for chunk in client.chat.completions.create(model=MODEL, messages=user("twice"), n=2, seed=7, stream=True):
         for choice in chunk.choices:
             streamed[choice.index] += choice.delta.content or ""
     assert streamed == {0: echo_text("twice", 7), 1: echo_text("twice", 8)}
 
 
 def test_max_tokens_gives_length(client):
-    reply = client.chat.completions.create(model="m", messages=user("cut short"), max_tokens=3)
+    reply = client.chat.completions.create(model=MODEL, messages=user("cut short"), max_tokens=3)
     assert reply.choices[0].message.content == "Echo: cut short. "
     assert reply.choices[0].finish_reason == "length"
 
 
 def test_stop_sequence_spanning_tokens(client):
     # "ake rep" starts in the token "fake " and ends in "reply.": the server must hold text back.
-    reply = client.chat.completions.create(model="m", messages=user("hello"), stop=["ake rep", "zzz"])
+    reply = client.chat.completions.create(model=MODEL, messages=user("hello"), stop=["ake rep", "zzz"])
     assert reply.choices[0].message.content == "Echo: hello. This is a f"
     assert reply.choices[0].finish_reason == "stop"
-    stream = client.chat.completions.create(model="m", messages=user("hello"), stop="ake rep", stream=True)
+    stream = client.chat.completions.create(model=MODEL, messages=user("hello"), stop="ake rep", stream=True)
     assert (
         "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Echo: hello. This is a f"
     )
 
 
 def test_tool_calls_are_readable_text_and_tagged_parts(client, backend):
-    reply = client.chat.completions.create(model="m", messages=user("calc 2+3"))
+    reply = client.chat.completions.create(model=MODEL, messages=user("calc 2+3"))
     message = reply.choices[0].message
     assert message.content == CALC_CONTENT
     assert message.model_extra["picochat"]["parts"] == [
@@ -187,7 +188,7 @@ def test_tool_calls_are_readable_text_and_tagged_parts(client, backend):
         {"type": "text", "text": "The answer is 5."},
     ]
     kinds = []
-    for chunk in client.chat.completions.create(model="m", messages=user("calc 2+3"), stream=True):
+    for chunk in client.chat.completions.create(model=MODEL, messages=user("calc 2+3"), stream=True):
         extension = chunk.choices[0].delta.model_extra.get("picochat") if chunk.choices else None
         if extension and extension["text"]:
             kinds.append((extension["kind"], extension["text"]))
@@ -202,23 +203,23 @@ def test_tool_calls_are_readable_text_and_tagged_parts(client, backend):
     ]
     # A plain client sends the reply back as history: the fences become tool parts again.
     history = [*user("calc 2+3"), {"role": "assistant", "content": CALC_CONTENT}, *user("and again")]
-    client.chat.completions.create(model="m", messages=history)
+    client.chat.completions.create(model=MODEL, messages=history)
     messages, _ = request_params(backend, "and again")
     assert messages[1]["content"] == message.model_extra["picochat"]["parts"]
 
 
 def test_notices_reach_the_client(client):
-    reply = client.chat.completions.create(model="m", messages=user("notice this"))
+    reply = client.chat.completions.create(model=MODEL, messages=user("notice this"))
     assert reply.choices[0].message.model_extra["picochat"]["notices"] == [NOTICE]
     assert reply.choices[0].message.content == echo_text("notice this")
-    stream = client.chat.completions.create(model="m", messages=user("notice this"), stream=True)
+    stream = client.chat.completions.create(model=MODEL, messages=user("notice this"), stream=True)
     extensions = [c.choices[0].delta.model_extra.get("picochat") or {} for c in stream if c.choices]
     assert [e["notice"] for e in extensions if "notice" in e] == [NOTICE]
 
 
 def test_backend_failure_is_an_error_not_a_hang(client, server):
     with pytest.raises(openai.APIError, match="exploded"):
-        for _ in client.chat.completions.create(model="m", messages=user("explode"), stream=True):
+        for _ in client.chat.completions.create(model=MODEL, messages=user("explode"), stream=True):
             pass
     status, _, payload = raw_post(server.url, {"messages": user("explode")}, AUTH)
     assert status == 500
@@ -384,7 +385,7 @@ def test_client_disconnect_while_waiting_for_a_full_reply_cancels_it(small):
 
 def test_sixteen_concurrent_streams(client):
     def chat(i: int) -> str:
-        stream = client.chat.completions.create(model="m", messages=user(f"client {i}"), stream=True)
+        stream = client.chat.completions.create(model=MODEL, messages=user(f"client {i}"), stream=True)
         return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     with ThreadPoolExecutor(16) as pool:

@@ -1,194 +1,118 @@
 """`picochat serve`: the ChatGPT-like web UI at / and an OpenAI-compatible API at /v1.
 
-Endpoints: `POST /v1/chat/completions` (streaming or not, n choices), `GET /v1/models`, `GET /health`,
-and the static web UI. The model itself sits behind the `Backend` interface (picochat/serve/backend.py);
-this module validates requests (picochat/serve/protocol.py), runs one backend generation per choice,
-and makes sure a client that goes away frees its batch slot at once.
+Endpoints: `POST /v1/chat/completions` and the legacy `POST /v1/completions` (streaming or not, n choices,
+logprobs), `GET /v1/models` and `/v1/models/{id}`, `GET /health`, and the static web UI. Several models
+can be served at once (one backend each, chosen by the request's `model`; the first is the default).
+Each model sits behind the `Backend` interface (picochat/serve/backend.py); this module validates
+requests (picochat/serve/protocol.py, completions.py), runs one backend generation per choice
+(picochat/serve/streams.py), and checks callers (picochat/serve/guard.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import hmac
-import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from picochat.checkpoint import STAGES
 from picochat.common import PicochatError, run_cli
-from picochat.serve.backend import Backend, Delta, QueueFullError, SamplingParams, ShuttingDownError
+from picochat.serve.backend import Backend, QueueFullError, SamplingParams, ShuttingDownError
+from picochat.serve.completions import (
+    check_fits,
+    parse_completion_request,
+    prompt_ids,
+)
+from picochat.serve.guard import HostGuard, check_api_key, read_body
 from picochat.serve.protocol import (
     ApiError,
-    ChatRequest,
     ChoiceBuilder,
     Limits,
+    check_token_ids,
     error_body,
+    load_json_object,
     parse_chat_request,
+)
+from picochat.serve.streams import (
+    ChatFormat,
+    Generations,
+    TextFormat,
+    respond,
 )
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 log = logging.getLogger("picochat.serve")
 
 
-class ClientGone(Exception):
-    """The HTTP client disconnected before we could answer."""
-
-
-class Generations:
-    """The n backend generations of one request, run concurrently and merged into one event queue.
-
-    Each choice is iterated by its own task ("pump"), so a slow choice never blocks another and any one
-    of them can be cancelled (stop sequence matched, client gone) to free its slot in the backend.
-    """
-
-    _END = object()
-
-    def __init__(self, backend: Backend, messages: list[dict], params: list[SamplingParams]):
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._backlog: list[tuple[int, object]] = []
-        self._tasks = [asyncio.create_task(self._pump(i, backend, messages, p)) for i, p in enumerate(params)]
-
-    async def _pump(self, index: int, backend: Backend, messages: list[dict], params: SamplingParams) -> None:
-        stream = None
-        try:
-            stream = backend.generate(messages, params)
-            async for delta in stream:
-                self._queue.put_nowait((index, delta))
-                if delta.finish_reason:
-                    break
-            self._queue.put_nowait((index, self._END))
-        except Exception as e:  # QueueFullError on admission, or a backend failure: re-raised by next()
-            self._queue.put_nowait((index, e))
-        finally:
-            if stream is not None and hasattr(stream, "aclose"):
-                await stream.aclose()  # no-op if the generator already ended or was cancelled
-
-    async def admit(self) -> None:
-        """Wait until every choice has its first delta; raise (e.g. QueueFullError) if one was refused."""
-        started: set[int] = set()
-        while len(started) < len(self._tasks):
-            index, item = await self._queue.get()
-            if isinstance(item, Exception):
-                raise item
-            self._backlog.append((index, item))
-            started.add(index)
-
-    async def next(self) -> tuple[int, Delta | None]:
-        """The next (choice index, delta); delta None means that choice's generator ended."""
-        index, item = self._backlog.pop(0) if self._backlog else await self._queue.get()
-        if isinstance(item, Exception):
-            raise item
-        return index, (None if item is self._END else item)
-
-    def cancel(self, index: int) -> None:
-        self._tasks[index].cancel()
-
-    async def close(self) -> None:
-        """Cancel every generation still running and wait until the backend has seen it."""
-        for task in self._tasks:
-            task.cancel()
-        with anyio.CancelScope(shield=True):  # we may be inside a cancelled scope (client gone)
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-async def _run_choices(
-    gens: Generations, builders: list[ChoiceBuilder]
-) -> AsyncIterator[tuple[int, list[dict]]]:
-    """Drive all choices to their end, yielding (index, chunk deltas) as the backend produces them."""
-    unfinished = set(range(len(builders)))
-    while unfinished:
-        index, delta = await gens.next()
-        if index not in unfinished:
-            continue  # a choice we already ended on a stop sequence
-        builder = builders[index]
-        yield index, builder.feed(delta or Delta(finish_reason="stop"))
-        if builder.finish_reason:
-            unfinished.discard(index)
-            gens.cancel(index)
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work: Awaitable):
-    """Await `work`, but give up (cancelling it) and raise ClientGone if the client disconnects first."""
-    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        task.cancel()
-    if task not in done:
-        raise ClientGone()
-    return task.result()
-
-
-def _usage(builders: list[ChoiceBuilder]) -> dict | None:
-    """OpenAI usage from the backend's token counts, or None if it did not report them all."""
-    prompt = next((b.prompt_tokens for b in builders if b.prompt_tokens is not None), None)
-    completions = [b.completion_tokens for b in builders]
-    if prompt is None or None in completions:
-        return None
-    total = sum(completions)
-    return {"prompt_tokens": prompt, "completion_tokens": total, "total_tokens": prompt + total}
-
-
-def _sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
-
-
-def create_app(backend: Backend, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
-    """The FastAPI app serving `backend`. With api_key set, /v1 requires `Authorization: Bearer <key>`."""
+def create_app(
+    backends: Backend | Sequence[Backend],
+    api_key: str | None = None,
+    limits: Limits | None = None,
+    *,
+    allowed_hosts: Sequence[str] = (),
+    cors_origins: Sequence[str] = (),
+) -> FastAPI:
+    """The FastAPI app serving `backends` (the first is the default model). With api_key set, /v1 requires
+    `Authorization: Bearer <key>`. `allowed_hosts`/`cors_origins`: see picochat/serve/guard.py."""
     limits = limits or Limits()
+    served = [backends] if hasattr(backends, "model_name") else list(backends)
+    by_name = {b.model_name: b for b in served}
+    if len(by_name) != len(served):
+        raise PicochatError("two served models have the same name; serve each checkpoint once")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if hasattr(backend, "start"):
-            await backend.start()
+        for backend in served:
+            if hasattr(backend, "start"):
+                await backend.start()
         yield
-        if hasattr(backend, "stop"):
-            await backend.stop()
+        for backend in served:
+            if hasattr(backend, "stop"):
+                await backend.stop()
 
     app = FastAPI(title="picochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HostGuard, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
+    if cors_origins:  # added last, so it runs first and answers preflights itself
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
     started_at = int(time.time())
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            what = "Wrong API key" if given else "Missing API key"
-            raise ApiError(
-                f"{what}: send the server's key as 'Authorization: Bearer <key>'.",
-                401,
-                type="authentication_error",
-                code="invalid_api_key",
-            )
+    def model_card(backend: Backend) -> dict:
+        return {"id": backend.model_name, "object": "model", "created": started_at, "owned_by": "picochat"}
 
-    async def read_body(request: Request) -> bytes:
-        too_big = ApiError(
-            f"Request body larger than {limits.max_body_bytes} bytes.", 413, code="body_too_large"
-        )
-        if int(request.headers.get("content-length") or 0) > limits.max_body_bytes:
-            raise too_big
-        body = await request.body()
-        if len(body) > limits.max_body_bytes:
-            raise too_big
-        return body
+    def pick(name: str | None) -> Backend:
+        if name is None:
+            return served[0]
+        if name not in by_name:
+            raise ApiError(
+                f"The model {name!r} does not exist; this server has {', '.join(by_name)} (GET /v1/models).",
+                404,
+                param="model",
+                code="model_not_found",
+            )
+        return by_name[name]
+
+    async def request_body(request: Request) -> tuple[dict, Backend]:
+        check_api_key(request, api_key)
+        body = load_json_object(await read_body(request, limits.max_body_bytes))
+        model = body.get("model")
+        return body, pick(model if isinstance(model, str) and model else None)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -217,47 +141,67 @@ def create_app(backend: Backend, api_key: str | None = None, limits: Limits | No
 
     @app.get("/health")
     async def health() -> dict:
-        stats = backend.stats() if hasattr(backend, "stats") else {}
+        default = served[0]
+        stats = default.stats() if hasattr(default, "stats") else {}
         return {
             "status": "ok",
-            "model": backend.model_name,
-            "max_context": backend.max_context,
+            "model": default.model_name,
+            "max_context": default.max_context,
+            "models": [{"id": b.model_name, "max_context": b.max_context} for b in served],
             "auth_required": api_key is not None,
             **stats,
         }
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        check_key(request)
-        model = {"id": backend.model_name, "object": "model", "created": started_at, "owned_by": "picochat"}
-        return {"object": "list", "data": [model]}
+        check_api_key(request, api_key)
+        return {"object": "list", "data": [model_card(b) for b in served]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict:
+        check_api_key(request, api_key)
+        return model_card(pick(model_id))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        check_key(request)
-        chat = parse_chat_request(await read_body(request), limits, backend.max_context)
-        # Distinct seeds per choice, so n > 1 with a seed gives n different (reproducible) replies.
-        seeds = [None if chat.params.seed is None else chat.params.seed + i for i in range(chat.n)]
-        gens = Generations(backend, chat.messages, [replace(chat.params, seed=s) for s in seeds])
-        builders = [ChoiceBuilder(chat.stop) for _ in range(chat.n)]
+        body, backend = await request_body(request)
+        chat = parse_chat_request(body, limits, backend.max_context)
+        check_token_ids(chat.params, _vocab_size(backend))
+        starts = [lambda p=p: backend.generate(chat.messages, p) for p in _choice_params(chat.params, chat.n)]
         meta = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
             "model": backend.model_name,
         }
-        streaming = False
-        try:
-            if chat.stream:
-                await _unless_disconnected(request, gens.admit())
-                streaming = True  # from here on the response closes the generations when it ends
-                return _EventStream(gens, _stream(gens, builders, meta, chat))
-            await _unless_disconnected(request, _drain(gens, builders))
-            return JSONResponse(_completion(builders, meta))
-        except ClientGone:
-            return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
-        finally:
-            if not streaming:
-                await gens.close()
+        return await respond(request, chat, Generations(starts), meta, ChatFormat(chat))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body, backend = await request_body(request)
+        req = parse_completion_request(body, limits, backend.max_context)
+        check_token_ids(req.params, _vocab_size(backend))
+        tokenizer = backend.tokenizer
+        prompts = [prompt_ids(p, tokenizer, tokenizer.get_bos_token_id()) for p in req.prompts]
+        for ids in prompts:
+            check_fits(ids, req.params.max_tokens, backend.max_context)
+        echoed: list[tuple[str, list]] = []
+        if req.echo:  # the prompt's own text and (with logprobs) each token's log-prob, <|bos|> left out
+            for ids in prompts:
+                scores = (await backend.score(ids, req.logprobs or 0))[1:] if req.logprobs is not None else []
+                echoed.append((tokenizer.decode(ids[1:]), scores))
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": backend.model_name}
+        echo = [echoed[i // req.n] for i in range(len(prompts) * req.n)] if req.echo else []
+        fmt = TextFormat(req, echo, len(prompts))
+        if req.params.max_tokens == 0:  # scoring only (echo): nothing to generate
+            choices = [fmt.whole(i, ChoiceBuilder()) for i in range(fmt.choices)]
+            for choice in choices:
+                choice["finish_reason"] = "length"
+            prompt_tokens = sum(len(ids) for ids in prompts)
+            counts = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+            return JSONResponse({"object": fmt.object, **meta, "choices": choices, "usage": counts})
+        params = _choice_params(req.params, req.n)
+        starts = [lambda ids=ids, p=p: backend.complete(ids, p) for ids in prompts for p in params]
+        return await respond(request, req, Generations(starts), meta, fmt)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -267,66 +211,13 @@ def create_app(backend: Backend, api_key: str | None = None, limits: Limits | No
     return app
 
 
-async def _drain(gens: Generations, builders: list[ChoiceBuilder]) -> None:
-    await gens.admit()
-    async for _ in _run_choices(gens, builders):
-        pass
+def _vocab_size(backend: Backend) -> int:
+    return backend.tokenizer.get_vocab_size()
 
 
-def _completion(builders: list[ChoiceBuilder], meta: dict) -> dict:
-    choices = []
-    for i, b in enumerate(builders):
-        extension = {"parts": b.parts, "notices": b.notices}
-        message = {"role": "assistant", "content": b.content, "picochat": extension}
-        choices.append({"index": i, "message": message, "finish_reason": b.finish_reason, "logprobs": None})
-    body = {"object": "chat.completion", **meta, "choices": choices}
-    usage = _usage(builders)
-    if usage is not None:
-        body["usage"] = usage
-    return body
-
-
-async def _stream(gens: Generations, builders: list[ChoiceBuilder], meta: dict, chat: ChatRequest):
-    """The SSE body: a role chunk per choice, content chunks, a finish chunk per choice, [DONE]."""
-
-    def chunk(index: int, delta: dict, finish_reason: str | None = None) -> str:
-        choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        return _sse({"object": "chat.completion.chunk", **meta, "choices": [choice]})
-
-    try:
-        for i in range(len(builders)):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        async for index, deltas in _run_choices(gens, builders):
-            for delta in deltas:
-                yield chunk(index, delta)
-            if builders[index].finish_reason:
-                yield chunk(index, {}, builders[index].finish_reason)
-        usage = _usage(builders)
-        if chat.include_usage and usage is not None:
-            yield _sse({"object": "chat.completion.chunk", **meta, "choices": [], "usage": usage})
-    except Exception as e:  # the status line is sent already: report the failure in-band, as OpenAI does
-        log.exception("generation failed mid-stream")
-        yield _sse(error_body(f"Generation failed: {e}", "server_error"))
-    yield _sse("[DONE]")
-
-
-class _EventStream(StreamingResponse):
-    """An SSE response that closes its generations however it ends: done, failed or client gone.
-
-    (Starlette cancels the body iterator when the client disconnects, possibly before its first step,
-    so a `finally` inside the iterator alone would not always run.)
-    """
-
-    def __init__(self, gens: Generations, body: AsyncIterator[str]):
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        super().__init__(body, media_type="text/event-stream", headers=headers)
-        self._gens = gens
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._gens.close()
+def _choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """Distinct seeds per choice, so n > 1 with a seed gives n different (reproducible) replies."""
+    return [replace(params, seed=None if params.seed is None else params.seed + i) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +231,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _load_backend(args: argparse.Namespace) -> Backend:
+def _model_spec(text: str) -> tuple[str, str | None]:
+    stage, _, tag = text.partition(":")
+    if stage not in STAGES or (":" in text and not tag):
+        raise argparse.ArgumentTypeError(
+            f"expected STAGE[:TAG] with STAGE one of {', '.join(STAGES)}, got {text!r}"
+        )
+    return stage, tag or None
+
+
+def _load_backends(args: argparse.Namespace) -> list[Backend]:
     try:
         from picochat.serve.batching import ContinuousBatchingBackend
     except ModuleNotFoundError as e:
@@ -350,14 +250,28 @@ def _load_backend(args: argparse.Namespace) -> Backend:
             "the generation backend (picochat/serve/batching.py) is not part of this install yet; "
             "update picochat to a version that has it"
         ) from e
-    return ContinuousBatchingBackend.from_checkpoint(
-        source=args.stage,
-        model_tag=args.model_tag,
-        step=args.step,
-        device_type=args.device_type,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-    )
+    from picochat.chat import default_stage  # (imports torch: only when serving a real model)
+
+    if args.model:
+        if args.stage or args.model_tag or args.step is not None:
+            raise PicochatError("--model replaces -i/--stage, --model-tag and --step; use one or the other")
+        specs = [(stage, tag, None) for stage, tag in args.model]
+    else:
+        stage = args.stage or default_stage()
+        if args.stage is None:
+            print(f"picochat: serving the {stage} model (the newest trained stage; -i chooses another)")
+        specs = [(stage, args.model_tag, args.step)]
+    return [
+        ContinuousBatchingBackend.from_checkpoint(
+            source=stage,
+            model_tag=tag,
+            step=step,
+            device_type=args.device_type,
+            max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue,
+        )
+        for stage, tag, step in specs
+    ]
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -370,20 +284,45 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     parser.add_argument(
         "--api-key",
-        default=os.environ.get("PICOCHAT_API_KEY"),
-        help="require 'Authorization: Bearer <key>' on /v1 (default: $PICOCHAT_API_KEY; none = open)",
+        default=None,
+        help="require 'Authorization: Bearer <key>' on /v1. Prefer the PICOCHAT_API_KEY environment "
+        "variable (the default): a key given here is visible to every user of the machine in `ps`",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        type=_model_spec,
+        metavar="STAGE[:TAG]",
+        help="serve this checkpoint (e.g. sft:d4); repeat to serve several, chosen by the request's model "
+        "(GET /v1/models lists them; the first is the default)",
     )
     parser.add_argument(
         "-i",
         "--stage",
-        default="sft",
-        choices=["base", "mid", "sft", "rl"],
-        help="which stage's checkpoint to load",
+        default=None,
+        choices=STAGES,
+        help="serve one stage's checkpoint (default: the newest trained, rl > sft > mid > base)",
     )
     parser.add_argument(
         "--model-tag", default=None, help="checkpoint model tag, e.g. d4 (default: the deepest d<N>)"
     )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests for this host name (IP addresses and localhost always work; names are "
+        "refused by default against DNS rebinding; '*' allows any)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from this origin (e.g. http://localhost:3000 for Open WebUI) call the API "
+        "from the browser; repeatable, '*' for any. Without it, no CORS headers are sent",
+    )
     parser.add_argument(
         "--device-type", default="", choices=["cuda", "cpu", "mps"], help="device (default: autodetect)"
     )
@@ -425,13 +364,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         default_max_tokens=min(defaults.default_max_tokens, args.max_tokens),
         max_n=args.max_n,
     )
-    backend = _load_backend(args)
-    app = create_app(backend, api_key=args.api_key or None, limits=limits)
-    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+    api_key = args.api_key or os.environ.get("PICOCHAT_API_KEY") or None
+    backends = _load_backends(args)
+    app = create_app(
+        backends,
+        api_key=api_key,
+        limits=limits,
+        allowed_hosts=[args.host, *args.allow_host],
+        cors_origins=args.cors_origin,
+    )
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"warning: listening on {args.host} without an API key; anyone who can reach it can use the model"
         )
-    print(f"picochat: serving {backend.model_name} at http://{args.host}:{args.port}/ (API: /v1)", flush=True)
+    names = ", ".join(b.model_name for b in backends)
+    print(f"picochat: serving {names} at http://{args.host}:{args.port}/ (API: /v1)", flush=True)
 
     import uvicorn
 

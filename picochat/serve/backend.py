@@ -39,21 +39,24 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+from picochat.sampling import SamplingParams
+
+__all__ = ["Backend", "Delta", "QueueFullError", "SamplingParams", "ShuttingDownError", "TokenLogprob"]
 
 DeltaKind = Literal["text", "python", "python_output"]
 FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How to sample one reply. top_k=None (or 0) disables top-k; seed=None means nondeterministic."""
+class TokenLogprob:
+    """One token's log-probability (natural log, of the model's softmax) and its likeliest alternatives."""
 
-    temperature: float = 0.8
-    top_p: float = 1.0
-    top_k: int | None = 50
-    max_tokens: int = 512
-    seed: int | None = None
+    token: str  # the token decoded on its own (errors="replace")
+    bytes: tuple[int, ...]  # its raw UTF-8 bytes
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()  # the top_logprobs most likely tokens, most likely first
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Delta:
     notice: str | None = None  # shown to the user, e.g. "oldest turns dropped to fit the context"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens whose text this delta carries
 
 
 class QueueFullError(Exception):
@@ -85,5 +89,14 @@ class ShuttingDownError(Exception):
 class Backend(Protocol):
     model_name: str
     max_context: int  # tokens of prompt + reply the model can attend to
+    tokenizer: Any  # encode/decode, for the raw-text completions endpoint
 
     def generate(self, messages: list[dict], params: SamplingParams) -> AsyncIterator[Delta]: ...
+
+    def complete(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Continue raw prompt tokens (no chat template, no tools); same admission/cancellation rules."""
+        ...
+
+    async def score(self, prompt: list[int], top_logprobs: int) -> list[TokenLogprob | None]:
+        """Each prompt token's log-prob given the tokens before it (None for the first)."""
+        ...

@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from picochat.serve.backend import Delta, SamplingParams
+from picochat.serve.backend import Delta, SamplingParams, TokenLogprob
 
 ROLES = ("system", "user", "assistant")
 TOOL_KINDS = ("python", "python_output")
@@ -70,63 +70,168 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# Parameters of OpenAI's API that picochat refuses (400 naming the parameter) rather than ignore.
+REFUSED = {
+    "tools": "picochat's only tool is its built-in calculator, which the model calls by itself",
+    "tool_choice": "picochat's only tool is its built-in calculator, which the model calls by itself",
+    "functions": "picochat's only tool is its built-in calculator, which the model calls by itself",
+    "function_call": "picochat's only tool is its built-in calculator, which the model calls by itself",
+    "parallel_tool_calls": "picochat has no client-side tools",
+    "audio": "picochat reads and writes text only",
+    "modalities": "picochat reads and writes text only",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "picochat has no web search",
+    "suffix": "picochat's models cannot fill in the middle",
+}
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
-class ChatRequest:
-    messages: list[dict]
+class SamplingRequest:
+    """What chat and legacy completions requests share: sampling, choices, streaming, stop sequences."""
+
     params: SamplingParams
+    model: str | None = None  # None: the server's default model
     n: int = 1
     stream: bool = False
     include_usage: bool = False
     stop: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ChatRequest(SamplingRequest):
+    messages: list[dict] = field(default_factory=list)
+
+
 # ---------------------------------------------------------------------------------------------
 # Requests
 
 
-def parse_chat_request(raw: bytes, limits: Limits, max_context: int) -> ChatRequest:
-    """Validate a /v1/chat/completions body; raise ApiError naming the first bad field."""
+def load_json_object(raw: bytes) -> dict:
+    """The request body as a JSON object (non-finite numbers such as NaN refused), or ApiError."""
+
+    def refuse_constant(name: str):
+        raise ApiError(f"{name} is not a valid number in JSON; send a finite number.", code="invalid_json")
+
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        body = json.loads(raw, parse_constant=refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ApiError(
             f"The request body is not valid JSON ({e}). Send a JSON object.", code="invalid_json"
         ) from e
     if not isinstance(body, dict):
         raise ApiError("The request body must be a JSON object.", code="invalid_json")
-    if not isinstance(body.get("model", ""), str):
-        raise ApiError("model must be a string.", param="model")
-    messages = parse_messages(body.get("messages"), limits)
-    token_cap = max(1, min(limits.max_tokens, max_context))
-    max_tokens = _number(body, "max_completion_tokens", None, 1, token_cap, integer=True)
-    if max_tokens is None:
-        max_tokens = _number(
-            body, "max_tokens", min(limits.default_max_tokens, token_cap), 1, token_cap, integer=True
+    return body
+
+
+def parse_chat_request(body: dict, limits: Limits, max_context: int) -> ChatRequest:
+    """Validate a /v1/chat/completions body (a dict); raise ApiError naming the first bad field."""
+    refuse_unsupported(body)
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise ApiError(
+            'response_format: picochat cannot constrain its output to JSON; only {"type": "text"} '
+            "(the default) is supported.",
+            param="response_format",
         )
-    defaults = SamplingParams()
-    params = SamplingParams(
-        temperature=_number(body, "temperature", defaults.temperature, 0.0, 2.0),
-        top_p=_number(body, "top_p", defaults.top_p, 0.0, 1.0, low_open=True),
-        top_k=_number(body, "top_k", defaults.top_k, 0, 1_000_000, integer=True) or None,
-        max_tokens=max_tokens,
-        seed=_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True),
+    messages = parse_messages(body.get("messages"), limits)
+    logprobs = flag_field(body, "logprobs")
+    top_logprobs = number_field(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
+    if top_logprobs and not logprobs:
+        raise ApiError("top_logprobs needs logprobs: true.", param="top_logprobs")
+    max_tokens = number_field(
+        body, "max_completion_tokens", None, 1, _token_cap(limits, max_context), integer=True
     )
+    common = parse_sampling(body, limits, max_context, max_tokens, logprobs, top_logprobs)
+    return ChatRequest(**vars(common), messages=messages)
+
+
+def refuse_unsupported(body: dict) -> None:
+    for name, why in REFUSED.items():
+        if body.get(name) is not None:
+            raise ApiError(f"{name} is not supported: {why}. Remove it from the request.", param=name)
+    if not isinstance(body.get("model", ""), (str, type(None))):
+        raise ApiError("model must be a string.", param="model")
+    if not isinstance(body.get("user", ""), (str, type(None))):
+        raise ApiError("user must be a string.", param="user")
+
+
+def _token_cap(limits: Limits, max_context: int) -> int:
+    return max(1, min(limits.max_tokens, max_context))
+
+
+def parse_sampling(
+    body: dict,
+    limits: Limits,
+    max_context: int,
+    max_tokens: int | None,
+    logprobs: bool,
+    top_logprobs: int,
+    min_tokens: int = 1,
+) -> SamplingRequest:
+    """The sampling fields both endpoints share. `max_tokens` (if already given) wins over body's."""
+    cap = _token_cap(limits, max_context)
+    if max_tokens is None:
+        default = min(limits.default_max_tokens, cap)
+        max_tokens = number_field(body, "max_tokens", default, min_tokens, cap, integer=True)
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise ApiError(
             'stream_options must be an object like {"include_usage": true}.', param="stream_options"
         )
-    return ChatRequest(
-        messages=messages,
+    params = SamplingParams(
+        # The server's defaults (OpenAI's are temperature 1 and no top-k: too wild for a small model).
+        temperature=number_field(body, "temperature", 0.8, 0.0, 2.0),
+        top_p=number_field(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=number_field(body, "top_k", 50, 0, 1_000_000, integer=True) or None,
+        max_tokens=max_tokens,
+        seed=number_field(body, "seed", None, -(2**63), 2**63 - 1, integer=True),
+        frequency_penalty=number_field(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=number_field(body, "presence_penalty", 0.0, -2.0, 2.0),
+        logit_bias=_parse_logit_bias(body.get("logit_bias")),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+    return SamplingRequest(
         params=params,
-        n=_number(body, "n", 1, 1, limits.max_n, integer=True),
-        stream=_flag(body, "stream"),
-        include_usage=_flag(stream_options, "include_usage"),
+        model=body.get("model") or None,
+        n=number_field(body, "n", 1, 1, limits.max_n, integer=True),
+        stream=flag_field(body, "stream"),
+        include_usage=flag_field(stream_options, "include_usage"),
         stop=_parse_stop(body.get("stop")),
     )
 
 
-def _number(body: dict, name: str, default, low, high, *, integer: bool = False, low_open: bool = False):
+def _parse_logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias in [-100, 100]} as sorted (id, bias) pairs."""
+    if bias is None:
+        return ()
+    message = (
+        'logit_bias must be an object mapping token ids to numbers in [-100, 100], like {"50256": -100}.'
+    )
+    if not isinstance(bias, dict) or len(bias) > 1024:
+        raise ApiError(message, param="logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit()) or isinstance(value, bool):
+            raise ApiError(message, param="logit_bias")
+        if not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise ApiError(message, param="logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(sorted(pairs))
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """logit_bias may only name tokens the model has."""
+    for token, _ in params.logit_bias:
+        if token >= vocab_size:
+            raise ApiError(
+                f"logit_bias: token id {token} is not in the vocabulary (0 to {vocab_size - 1}).",
+                param="logit_bias",
+            )
+
+
+def number_field(body: dict, name: str, default, low, high, *, integer: bool = False, low_open: bool = False):
     value = body.get(name)
     if value is None:
         return default
@@ -139,7 +244,7 @@ def _number(body: dict, name: str, default, low, high, *, integer: bool = False,
     return value
 
 
-def _flag(body: dict, name: str) -> bool:
+def flag_field(body: dict, name: str) -> bool:
     value = body.get(name, False)
     if value is None:
         return False
@@ -277,17 +382,25 @@ class ChoiceBuilder:
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.logprobs: list[TokenLogprob] = []  # of every token sent
+        self.new_logprobs: list[TokenLogprob] = []  # of the tokens sent since take_logprobs()
+        self.held_logprobs: list[TokenLogprob] = []  # of the held text
 
     def feed(self, delta: Delta) -> list[dict]:
         out: list[dict] = []
         if delta.kind != "text" and self.held:
             out.append(self._emit("text", self.held))
             self.held = ""
-        text = delta.text
+        text, logprobs = delta.text, [*self.held_logprobs, *delta.logprobs]
+        self.held_logprobs = []
         if delta.kind == "text":
             text, hit_stop = self._cut_at_stop(self.held + text)
+            logprobs, rest = _split_logprobs(logprobs, len(text))
+            self.held_logprobs = [] if hit_stop else rest  # tokens past a stop sequence are not sent
         else:
             hit_stop = False
+        self.logprobs += logprobs
+        self.new_logprobs += logprobs
         if text or delta.kind != self.kind:
             out.append(self._emit(delta.kind, text))
         if delta.prompt_tokens is not None:
@@ -298,6 +411,9 @@ class ChoiceBuilder:
             if self.held:
                 out.append(self._emit("text", self.held))
                 self.held = ""
+                self.logprobs += self.held_logprobs
+                self.new_logprobs += self.held_logprobs
+                self.held_logprobs = []
             if self.kind != "text":
                 out.append(self._emit("text", ""))  # close the open tool fence
             self.finish_reason = "stop" if hit_stop else delta.finish_reason
@@ -306,6 +422,11 @@ class ChoiceBuilder:
             out = out or [self._emit(self.kind, "")]
             out[0]["picochat"]["notice"] = delta.notice
         return out
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The logprobs of the tokens sent since the last call (for the next streamed chunk)."""
+        taken, self.new_logprobs = self.new_logprobs, []
+        return taken
 
     def _cut_at_stop(self, text: str) -> tuple[str, bool]:
         """Return (text safe to send, whether a stop sequence was found); keep a possible prefix held."""
@@ -331,3 +452,25 @@ class ChoiceBuilder:
                 self.parts.append({"type": kind, "text": text})
         self.content += prefix + text
         return {"content": prefix + text, "picochat": {"kind": kind, "text": text}}
+
+
+def _split_logprobs(
+    logprobs: list[TokenLogprob], chars: int
+) -> tuple[list[TokenLogprob], list[TokenLogprob]]:
+    """Split into the tokens whose text lies within the first `chars` characters, and the rest."""
+    used = 0
+    for i, entry in enumerate(logprobs):
+        used += len(entry.token)
+        if used > chars:
+            return logprobs[:i], logprobs[i:]
+    return logprobs, []
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    """OpenAI's chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}], ...}."""
+
+    def one(entry: TokenLogprob) -> dict:
+        return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.bytes)}
+
+    content = [{**one(e), "top_logprobs": [one(t) for t in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
