@@ -154,7 +154,9 @@ def test_n_choices_get_distinct_seeds(client):
     assert [c.index for c in reply.choices] == [0, 1]
     assert [c.message.content for c in reply.choices] == [echo_text("twice", 7), echo_text("twice", 8)]
     streamed = {0: "", 1: ""}
-    for chunk in client.chat.completions.create(model=MODEL, messages=user("twice"), n=2, seed=7, stream=True):
+    for chunk in client.chat.completions.create(
+        model=MODEL, messages=user("twice"), n=2, seed=7, stream=True
+    ):
         for choice in chunk.choices:
             streamed[choice.index] += choice.delta.content or ""
     assert streamed == {0: echo_text("twice", 7), 1: echo_text("twice", 8)}

@@ -78,9 +78,7 @@ def test_tiny_temperature_is_greedy(client, backends):
 
 
 def test_logprobs_plain(client):
-    reply = client.chat.completions.create(
-        model=MODEL, messages=user("hello"), logprobs=True, top_logprobs=2
-    )
+    reply = client.chat.completions.create(model=MODEL, messages=user("hello"), logprobs=True, top_logprobs=2)
     content = reply.choices[0].logprobs.content
     assert "".join(t.token for t in content) == reply.choices[0].message.content == echo_text("hello")
     first = content[0]
