@@ -15,6 +15,13 @@ import uvicorn
 from picochat.serve.backend import Delta, QueueFullError, SamplingParams, TokenLogprob
 
 LONG_WORDS = 400
+RICH_REPLY = (
+    "Here is a table:\n\n| name | value |\n|------|-------|\n| a | 1 |\n| b | 2 |\n\n"
+    "See [the docs](https://example.com/docs), [a script](javascript:alert(1)) and ![pic](https://example.com/x.png).\n\n"
+    "> A wise quote.\n\n"
+    "```python\ndef add(a, b):\n    return a + b  # sum\n```\n\n"
+    "#### 42"
+)
 NOTICE = "oldest turns dropped to fit the context"
 
 
@@ -45,6 +52,8 @@ def scripted_reply(messages: list[dict], params: SamplingParams) -> list[tuple[s
             '<script>window.hacked = 1</script> <img src=x onerror="window.hacked = 2">'
         )
         return [("text", line) for line in text.splitlines(keepends=True)]
+    if "rich" in question:
+        return [("text", line) for line in RICH_REPLY.splitlines(keepends=True)]
     return [("text", word) for word in _spaced(echo_text(question, params.seed))]
 
 

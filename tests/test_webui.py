@@ -1,7 +1,9 @@
 """The web UI in headless Chromium (Debian's /usr/bin/chromium via Playwright) against a fake backend.
 
-Covers streaming, stop, regenerate, edit-and-resend, conversations in localStorage, settings, tool-call
-boxes, safe markdown and inline errors; saves a screenshot to test-artifacts/webui.png.
+Covers streaming, stop, regenerate, edit-and-resend, conversations in localStorage (deleting asks first,
+switching leaves a reply streaming), settings (temperature, top-p, max tokens bounded by the model's
+context, system prompt), tool-call boxes, markdown (tables, safe links, blockquotes, highlighted code,
+the GSM8K final answer) with the model's HTML escaped, and inline errors; screenshots go to test-artifacts/.
 Skipped when Chromium is missing, unless $CI is set (then it fails).
 """
 
@@ -115,7 +117,7 @@ def test_streaming_regenerate_and_edit(page, backend):
     wait_idle(page)
     snapshots = page.evaluate("window.snapshots")
     assert len(set(snapshots)) >= 4, "the reply did not appear token by token"
-    assert all(echo_text("hello there").startswith(s) for s in snapshots)
+    assert all(echo_text("hello there").startswith(s) for s in snapshots), snapshots
     expect(page.get_by_test_id("user-content")).to_have_text(["hello there"])
 
     requests_before = len(backend.requests)
@@ -216,7 +218,14 @@ def test_conversations_persist_in_local_storage(page):
     expect(page.get_by_test_id("assistant-content")).to_contain_text("line two. This is a fake reply.")
 
     items.first.hover()
+    items.first.get_by_test_id("delete-conversation").click()  # asks first: Cancel keeps it
+    expect(page.get_by_test_id("confirm-delete")).to_contain_text("Why is the sky blue?")
+    page.get_by_test_id("cancel-delete").click()
+    expect(page.get_by_test_id("confirm-delete")).to_be_hidden()
+    expect(items).to_have_count(2)
+    items.first.hover()
     items.first.get_by_test_id("delete-conversation").click()
+    page.get_by_test_id("confirm-delete-button").click()
     expect(items).to_have_count(1)
     page.reload()
     expect(items).to_have_count(1)
@@ -293,3 +302,80 @@ def test_narrow_screen_sidebar(browser, server):
     page.screenshot(path=str(ARTIFACTS / "webui-narrow.png"))
     assert page.errors == []
     page.context.close()
+
+
+def test_rich_markdown_is_rendered_safely(page):
+    send(page, "rich text please")
+    wait_idle(page)
+    reply = page.get_by_test_id("assistant-content").last
+    expect(reply.locator("table th")).to_have_text(["name", "value"])
+    expect(reply.locator("table td")).to_have_text(["a", "1", "b", "2"])
+    link = reply.get_by_role("link", name="the docs")
+    expect(link).to_have_attribute("href", "https://example.com/docs")
+    expect(link).to_have_attribute("target", "_blank")
+    assert "noopener" in link.get_attribute("rel").split()
+    # Only http(s) links: the javascript: one is plain text, and images are links, never loaded.
+    expect(reply.get_by_role("link")).to_have_count(2)
+    expect(reply).to_contain_text("a script")
+    expect(reply.get_by_role("link", name="pic")).to_have_attribute("href", "https://example.com/x.png")
+    assert reply.locator("img").count() == 0
+    expect(reply.locator("blockquote")).to_have_text("A wise quote.")
+    code = reply.locator("pre code")
+    expect(code).to_have_text("def add(a, b):\n    return a + b  # sum")
+    expect(code.locator(".hljs-keyword").first).to_have_text("def")
+    expect(code.locator(".hljs-comment")).to_have_text("# sum")
+    color = code.locator(".hljs-keyword").first.evaluate("e => getComputedStyle(e).color")
+    assert color != code.evaluate("e => getComputedStyle(e).color"), "keywords are not highlighted"
+    expect(reply.get_by_test_id("final-answer")).to_have_text("Answer42")
+    assert reply.locator("h6").count() == 0  # "#### 42" is the final answer, not a tiny heading
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "webui-markdown.png"), full_page=True)
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=str(ARTIFACTS / "webui-markdown-dark.png"), full_page=True)
+
+
+def test_switching_conversations_does_not_abort_a_reply(page):
+    send(page, "first chat")
+    wait_idle(page)
+    page.get_by_test_id("new-chat").click()
+    send(page, "a long story in the background")
+    expect(page.get_by_test_id("assistant-content")).to_contain_text("word3 ")
+    items = page.get_by_test_id("conversation-item")
+    items.get_by_role("button", name="first chat").click()  # while the story streams
+    expect(page.get_by_test_id("user-content")).to_have_text(["first chat"])
+    expect(page.get_by_test_id("send")).to_be_visible()  # this conversation is idle
+    send(page, "meanwhile here")  # and can be used at the same time
+    expect(page.get_by_test_id("assistant-content").last).to_have_text(echo_text("meanwhile here"))
+    items.get_by_role("button", name="a long story").click()
+    story = page.get_by_test_id("assistant-content")
+    expect(page.get_by_test_id("stop")).to_be_visible()  # still streaming
+    expect(story).to_contain_text(f"word{LONG_WORDS - 1}", timeout=30_000)
+    wait_idle(page)  # the story ran to its last word: switching away did not cancel it
+    expect(page.get_by_text("Stopped.")).to_have_count(0)
+
+
+def test_system_prompt_top_p_and_bounded_max_tokens(page, backend):
+    page.get_by_test_id("open-settings").click()
+    max_tokens = page.get_by_test_id("setting-max-tokens")
+    expect(max_tokens).to_have_attribute("max", "1024")  # the fake model's context, from /health
+    expect(page.get_by_test_id("settings-dialog")).to_contain_text("at most 1024")
+    max_tokens.fill("5000")
+    page.get_by_test_id("save-settings").click()
+    expect(page.get_by_test_id("settings-dialog")).to_be_visible()  # refused: more than the context
+    max_tokens.fill("1024")
+    page.get_by_test_id("setting-top-p").fill("0.7")
+    page.get_by_test_id("setting-system-prompt").fill("You are a pirate.")
+    page.get_by_test_id("save-settings").click()
+    expect(page.get_by_test_id("settings-dialog")).to_be_hidden()
+    send(page, "ahoy")
+    wait_idle(page)
+    messages, params = last_request(backend)
+    assert messages == [
+        {"role": "system", "content": "You are a pirate."},
+        {"role": "user", "content": "ahoy"},
+    ]
+    assert (params.top_p, params.max_tokens) == (0.7, 1024)
+    page.reload()
+    page.get_by_test_id("open-settings").click()
+    expect(page.get_by_test_id("setting-system-prompt")).to_have_value("You are a pirate.")
+    expect(page.get_by_test_id("setting-top-p")).to_have_value("0.7")

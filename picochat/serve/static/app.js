@@ -1,13 +1,15 @@
 // picochat web UI: conversations kept in localStorage, replies streamed from /v1/chat/completions (SSE).
-// Plain JavaScript, no dependencies. Every string from the model or the user is HTML-escaped before it
-// is rendered; the markdown renderer only ever adds its own tags to already-escaped text.
+// Plain JavaScript and three vendored libraries (static/vendor/, no build step): marked (markdown),
+// highlight.js (code) and DOMPurify. Raw HTML in the model's output is shown as text, never as markup;
+// links open in a new tab with rel=noopener and only for http(s) URLs; DOMPurify cleans the result again.
+// Each conversation streams on its own: switching to another one leaves a reply running in the background.
 "use strict";
 
 (() => {
   const STORE_KEY = "picochat.conversations";
   const CURRENT_KEY = "picochat.current";
   const SETTINGS_KEY = "picochat.settings";
-  const DEFAULT_SETTINGS = { temperature: 0.8, maxTokens: 512, apiKey: "" };
+  const DEFAULT_SETTINGS = { temperature: 0.8, topP: 1, maxTokens: 512, systemPrompt: "", apiKey: "" };
   const SUGGESTIONS = ["Why is the sky blue?", "What is 23 * 47?", "Write a short poem about the sea."];
 
   const ICONS = {
@@ -29,6 +31,8 @@
     input: $("input"), composer: $("composer"), send: $("send"), stop: $("stop"), modelName: $("model-name"),
     status: $("status"), settings: $("settings"), settingsForm: $("settings-form"),
     temperature: $("temperature"), maxTokens: $("max-tokens"), apiKey: $("api-key"), apiKeyRow: $("api-key-row"),
+    topP: $("top-p"), systemPrompt: $("system-prompt"), maxTokensHint: $("max-tokens-hint"),
+    confirmDelete: $("confirm-delete"), confirmDeleteTitle: $("confirm-delete-title"),
   };
 
   const state = {
@@ -36,7 +40,8 @@
     currentId: localStorage.getItem(CURRENT_KEY),
     settings: { ...DEFAULT_SETTINGS, ...loadJSON(SETTINGS_KEY, {}) },
     model: "picochat",
-    streaming: null, // { controller, conversation, reply } while a reply is being generated
+    maxContext: null, // the model's context in tokens, from /health: bounds the max-tokens setting
+    streams: new Map(), // conversation id -> { controller, reply } while its reply is being generated
     editing: null, // index of the user message being edited, in the current conversation
     renderQueued: false,
   };
@@ -63,6 +68,10 @@
     return state.conversations.find((c) => c.id === state.currentId) || null;
   }
 
+  function currentStream() { // the reply streaming in the conversation on screen, if any
+    return state.streams.get(state.currentId) || null;
+  }
+
   function createConversation(title) {
     const conversation = { id: crypto.randomUUID?.() || String(Date.now() + Math.random()), title,
       messages: [], updated: Date.now() };
@@ -72,72 +81,66 @@
   }
 
   // ------------------------------------------------------------------------------------------
-  // Markdown: escape everything first, then add a small set of tags.
+  // Markdown (marked), code highlighting (highlight.js), then DOMPurify over the result.
 
   function escapeHtml(text) {
     const map = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
-    return text.replace(/[&<>"']/g, (c) => map[c]);
-  }
-
-  function renderInline(text) {
-    // Split out `code` spans first so that * and _ inside them stay literal.
-    return text.split(/(`[^`]+`)/).map((piece, i) => {
-      if (i % 2 === 1) return `<code>${piece.slice(1, -1)}</code>`;
-      return piece
-        .replace(/\*\*(?=\S)(.+?)\*\*/g, "<strong>$1</strong>")
-        .replace(/__(?=\S)(.+?)__/g, "<strong>$1</strong>")
-        .replace(/(^|[^*\w])\*(?=\S)([^*]+?)\*(?![*\w])/g, "$1<em>$2</em>")
-        .replace(/(^|[^_\w])_(?=\S)([^_]+?)_(?![_\w])/g, "$1<em>$2</em>");
-    }).join("");
+    return String(text).replace(/[&<>"']/g, (c) => map[c]);
   }
 
   function codeBlockHtml(code, language) {
-    return `<div class="code-block"><div class="code-head"><span>${language || "code"}</span>` +
+    return `<div class="code-block"><div class="code-head"><span>${escapeHtml(language || "code")}</span>` +
       `<button type="button" class="copy-code" data-testid="copy-code" aria-label="Copy code">Copy</button></div>` +
-      `<pre><code>${code}</code></pre></div>`;
+      `<pre><code class="hljs">${code}</code></pre></div>`;
   }
 
-  const FENCE = /^\s*```\s*([\w+#.-]*)/;
-  const LIST_ITEM = /^\s*([-*+]|\d{1,3}[.)])\s+(.*)$/;
-  const HEADING = /^(#{1,4})\s+(.*)$/;
-
-  function renderMarkdown(source) {
-    const lines = escapeHtml(source).split("\n");
-    const html = [];
-    let i = 0;
-    while (i < lines.length) {
-      const line = lines[i];
-      const fence = line.match(FENCE);
-      if (fence) { // a fenced code block; an unclosed one (still streaming) runs to the end
-        const code = [];
-        for (i++; i < lines.length && !/^\s*```\s*$/.test(lines[i]); i++) code.push(lines[i]);
-        i++;
-        html.push(codeBlockHtml(code.join("\n"), fence[1]));
-      } else if (!line.trim()) {
-        i++;
-      } else if (HEADING.test(line)) {
-        const [, hashes, text] = line.match(HEADING);
-        const level = hashes.length + 2; // h3..h6: the page title is the h1
-        html.push(`<h${level}>${renderInline(text)}</h${level}>`);
-        i++;
-      } else if (LIST_ITEM.test(line)) {
-        const ordered = /\d/.test(line.match(LIST_ITEM)[1]);
-        const items = [];
-        for (; i < lines.length && LIST_ITEM.test(lines[i]); i++) {
-          const [, marker, text] = lines[i].match(LIST_ITEM);
-          if (/\d/.test(marker) !== ordered) break;
-          items.push(`<li>${renderInline(text)}</li>`);
-        }
-        const tag = ordered ? "ol" : "ul";
-        html.push(`<${tag}>${items.join("")}</${tag}>`);
-      } else {
-        const paragraph = [];
-        for (; i < lines.length && lines[i].trim() && !FENCE.test(lines[i]) && !LIST_ITEM.test(lines[i]) &&
-          !HEADING.test(lines[i]); i++) paragraph.push(renderInline(lines[i]));
-        html.push(`<p>${paragraph.join("<br>")}</p>`);
-      }
+  function safeUrl(href) { // only absolute http(s) links: no javascript:, data:, relative or file URLs
+    try {
+      const url = new URL(href);
+      return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
+    } catch {
+      return null;
     }
-    return html.join("");
+  }
+
+  function linkHtml(href, inner) {
+    const url = safeUrl(href);
+    if (!url) return inner;
+    return `<a href="${escapeHtml(url)}" target="_blank" rel="noopener noreferrer nofollow">${inner}</a>`;
+  }
+
+  const markdown = new marked.Marked({ gfm: true, breaks: true });
+  markdown.use({
+    renderer: {
+      html(token) { return escapeHtml(token.text); }, // the model's HTML is text to read, not markup
+      link(token) { return linkHtml(token.href, this.parser.parseInline(token.tokens)); },
+      image(token) { return linkHtml(token.href, escapeHtml(token.text || token.href)); }, // never load it
+      code(token) {
+        const language = (token.lang || "").trim().split(/\s+/)[0].toLowerCase();
+        const code = language && hljs.getLanguage(language)
+          ? hljs.highlight(token.text, { language, ignoreIllegals: true }).value
+          : escapeHtml(token.text);
+        return codeBlockHtml(code, language);
+      },
+      heading(token) {
+        const inner = this.parser.parseInline(token.tokens);
+        if (token.finalAnswer) {
+          return `<div class="final-answer" data-testid="final-answer"><span class="final-label">Answer</span>` +
+            `<span class="final-value">${inner}</span></div>`;
+        }
+        const level = Math.min(token.depth + 2, 6); // h3..h6: the page title is the h1
+        return `<h${level}>${inner}</h${level}>`;
+      },
+    },
+  });
+
+  // GSM8K-style replies end with "#### <answer>": that last heading is the final answer, not a title.
+  function renderMarkdown(source) {
+    const tokens = markdown.lexer(source);
+    const last = tokens.filter((t) => t.type !== "space").at(-1);
+    if (last?.type === "heading" && last.depth === 4) last.finalAnswer = true;
+    const html = markdown.parser(tokens).trim();
+    return DOMPurify.sanitize(html, { ADD_ATTR: ["target"] });
   }
 
   // ------------------------------------------------------------------------------------------
@@ -208,7 +211,7 @@
     bubble.textContent = message.content;
     const actions = element("div", { class: "actions" });
     const edit = button("edit", "Edit message", "edit-message", () => { state.editing = index; render(); });
-    edit.disabled = Boolean(state.streaming);
+    edit.disabled = Boolean(currentStream());
     actions.append(edit);
     row.append(bubble, actions);
     return row;
@@ -216,7 +219,7 @@
 
   function assistantMessage(message, isLast) {
     const row = element("div", { class: "message assistant", "data-testid": "message-assistant" });
-    const streaming = state.streaming?.reply === message;
+    const streaming = currentStream()?.reply === message;
     row.append(element("div", { class: "avatar", "aria-hidden": "true" }, "p"));
     const body = element("div", { class: "assistant-body" });
     const content = element("div", { class: "content", "data-testid": "assistant-content" },
@@ -237,7 +240,7 @@
       body.append(element("div", { class: "error", role: "alert", "data-testid": "error" },
         escapeHtml(message.error)));
     }
-    if (isLast && !state.streaming) {
+    if (isLast && !currentStream()) {
       const actions = element("div", { class: "actions" });
       const copy = button("copy", "Copy reply", "copy-reply", () => copyText(plainText(message), copy));
       actions.append(copy, button("regenerate", "Regenerate reply", "regenerate", regenerate));
@@ -265,8 +268,8 @@
     els.list.replaceChildren();
     const conversations = [...state.conversations].sort((a, b) => b.updated - a.updated);
     for (const conversation of conversations) {
-      const item = element("li", { class: "conversation" + (conversation.id === state.currentId ? " active" : ""),
-        "data-testid": "conversation-item" });
+      const item = element("li", { class: "conversation" + (conversation.id === state.currentId ? " active" : "") +
+        (state.streams.has(conversation.id) ? " streaming" : ""), "data-testid": "conversation-item" });
       const open = element("button", { type: "button", class: "conversation-title", title: conversation.title },
         escapeHtml(conversation.title));
       if (conversation.id === state.currentId) open.setAttribute("aria-current", "true");
@@ -296,7 +299,7 @@
   }
 
   function renderComposer() {
-    const busy = Boolean(state.streaming);
+    const busy = Boolean(currentStream());
     els.send.hidden = busy;
     els.stop.hidden = !busy;
     els.send.disabled = !els.input.value.trim();
@@ -320,11 +323,12 @@
   // The thread in the API's format. A turn whose reply failed or was stopped before any text is left
   // out (user message included), so the roles still alternate and the model never sees an empty reply.
   function apiMessages(messages) {
-    const result = [];
+    const system = state.settings.systemPrompt.trim();
+    const result = system ? [{ role: "system", content: system }] : [];
     for (const m of messages) {
       if (m.role === "user") result.push({ role: "user", content: m.content });
       else if (m.parts.length) result.push({ role: "assistant", content: m.parts });
-      else result.pop();
+      else if (result.at(-1)?.role === "user") result.pop();
     }
     return result;
   }
@@ -399,7 +403,7 @@
     conversation.messages.push(reply);
     conversation.updated = Date.now();
     const controller = new AbortController();
-    state.streaming = { controller, conversation, reply };
+    state.streams.set(conversation.id, { controller, reply });
     saveConversations();
     render();
     try {
@@ -409,7 +413,8 @@
         signal: controller.signal,
         body: JSON.stringify({
           model: state.model, messages: history, stream: true,
-          temperature: state.settings.temperature, max_tokens: state.settings.maxTokens,
+          temperature: state.settings.temperature, top_p: state.settings.topP,
+          max_tokens: boundedMaxTokens(),
         }),
       });
       if (!response.ok) throw await errorFrom(response);
@@ -418,21 +423,25 @@
       if (error.name === "AbortError") reply.finish = "stopped";
       else reply.error = error.message || String(error);
     } finally {
-      state.streaming = null;
+      state.streams.delete(conversation.id);
       conversation.updated = Date.now();
       saveConversations();
       render();
-      els.input.focus();
+      if (conversation.id === state.currentId) els.input.focus();
     }
   }
 
   function stopStreaming() {
-    state.streaming?.controller.abort();
+    currentStream()?.controller.abort();
+  }
+
+  function boundedMaxTokens() { // a setting saved for a bigger model must not exceed this one's context
+    return state.maxContext ? Math.min(state.settings.maxTokens, state.maxContext) : state.settings.maxTokens;
   }
 
   function sendMessage(text) {
     text = text.trim();
-    if (!text || state.streaming) return;
+    if (!text || currentStream()) return;
     const conversation = current() || createConversation(text.slice(0, 48));
     conversation.messages.push({ role: "user", content: text });
     els.input.value = "";
@@ -442,7 +451,7 @@
 
   function regenerate() {
     const conversation = current();
-    if (!conversation || state.streaming) return;
+    if (!conversation || currentStream()) return;
     if (conversation.messages[conversation.messages.length - 1]?.role === "assistant") conversation.messages.pop();
     generateReply(conversation);
   }
@@ -450,7 +459,7 @@
   function submitEdit(index, text) {
     const conversation = current();
     text = text.trim();
-    if (!conversation || !text || state.streaming) return;
+    if (!conversation || !text || currentStream()) return;
     state.editing = null;
     conversation.messages = conversation.messages.slice(0, index); // drop the edited turn and all after it
     conversation.messages.push({ role: "user", content: text });
@@ -461,8 +470,7 @@
   // ------------------------------------------------------------------------------------------
   // Conversations, settings, clipboard
 
-  function selectConversation(id) {
-    stopStreaming();
+  function selectConversation(id) { // a reply streaming in the conversation left goes on in the background
     state.currentId = id;
     state.editing = null;
     saveConversations();
@@ -475,8 +483,20 @@
     els.input.focus();
   }
 
-  function deleteConversation(id) {
-    if (state.streaming?.conversation.id === id) stopStreaming();
+  function confirmDelete(conversation) { // resolves true when the user confirms in the dialog
+    els.confirmDeleteTitle.textContent = conversation.title;
+    els.confirmDelete.returnValue = "";
+    els.confirmDelete.showModal();
+    return new Promise((resolve) => {
+      els.confirmDelete.addEventListener("close", () => resolve(els.confirmDelete.returnValue === "delete"),
+        { once: true });
+    });
+  }
+
+  async function deleteConversation(id) {
+    const conversation = state.conversations.find((c) => c.id === id);
+    if (!conversation || !(await confirmDelete(conversation))) return;
+    state.streams.get(id)?.controller.abort();
     state.conversations = state.conversations.filter((c) => c.id !== id);
     if (state.currentId === id) state.currentId = null;
     saveConversations();
@@ -509,20 +529,24 @@
 
   function openSettings() {
     els.temperature.value = state.settings.temperature;
-    els.maxTokens.value = state.settings.maxTokens;
+    els.topP.value = state.settings.topP;
+    els.maxTokens.value = boundedMaxTokens();
+    els.systemPrompt.value = state.settings.systemPrompt;
     els.apiKey.value = state.settings.apiKey;
     els.settings.showModal();
   }
 
   function saveSettings(event) {
     event.preventDefault();
-    const temperature = Number(els.temperature.value);
-    const maxTokens = Number(els.maxTokens.value);
-    if (!(temperature >= 0 && temperature <= 2) || !(Number.isInteger(maxTokens) && maxTokens >= 1)) {
+    if (!els.settingsForm.checkValidity()) { // the inputs carry the bounds (max tokens: the context)
       els.settingsForm.reportValidity();
       return;
     }
-    state.settings = { temperature, maxTokens, apiKey: els.apiKey.value.trim() };
+    state.settings = {
+      temperature: Number(els.temperature.value), topP: Number(els.topP.value),
+      maxTokens: Number(els.maxTokens.value), systemPrompt: els.systemPrompt.value,
+      apiKey: els.apiKey.value.trim(),
+    };
     localStorage.setItem(SETTINGS_KEY, JSON.stringify(state.settings));
     els.settings.close();
   }
@@ -540,6 +564,9 @@
     try {
       const health = await (await fetch("/health")).json();
       state.model = health.model;
+      state.maxContext = health.max_context;
+      els.maxTokens.max = health.max_context;
+      els.maxTokensHint.textContent = `longest reply, in tokens (at most ${health.max_context}, this model's context)`;
       els.modelName.textContent = health.model;
       els.apiKeyRow.hidden = !health.auth_required;
       els.status.textContent = "";
@@ -565,6 +592,7 @@
   $("new-chat").addEventListener("click", newChat);
   $("open-settings").addEventListener("click", openSettings);
   $("cancel-settings").addEventListener("click", () => els.settings.close());
+  $("cancel-delete").addEventListener("click", () => els.confirmDelete.close("cancel"));
   els.settingsForm.addEventListener("submit", saveSettings);
   $("toggle-sidebar").addEventListener("click", openSidebar);
   els.backdrop.addEventListener("click", closeSidebar);
