@@ -166,7 +166,7 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         body, backend = await request_body(request)
         chat = parse_chat_request(body, limits, backend.max_context)
-        check_token_ids(chat.params, _vocab_size(backend))
+        _check_bias(chat.params, backend)
         starts = [lambda p=p: backend.generate(chat.messages, p) for p in _choice_params(chat.params, chat.n)]
         meta = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -179,7 +179,7 @@ def create_app(
     async def completions(request: Request) -> Response:
         body, backend = await request_body(request)
         req = parse_completion_request(body, limits, backend.max_context)
-        check_token_ids(req.params, _vocab_size(backend))
+        _check_bias(req.params, backend)
         tokenizer = backend.tokenizer
         prompts = [prompt_ids(p, tokenizer, tokenizer.get_bos_token_id()) for p in req.prompts]
         for ids in prompts:
@@ -211,8 +211,9 @@ def create_app(
     return app
 
 
-def _vocab_size(backend: Backend) -> int:
-    return backend.tokenizer.get_vocab_size()
+def _check_bias(params: SamplingParams, backend: Backend) -> None:
+    if params.logit_bias:  # (only then is the tokenizer needed)
+        check_token_ids(params, backend.tokenizer.get_vocab_size())
 
 
 def _choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
