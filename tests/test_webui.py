@@ -379,3 +379,26 @@ def test_system_prompt_top_p_and_bounded_max_tokens(page, backend):
     page.get_by_test_id("open-settings").click()
     expect(page.get_by_test_id("setting-system-prompt")).to_have_value("You are a pirate.")
     expect(page.get_by_test_id("setting-top-p")).to_have_value("0.7")
+
+
+def test_choosing_among_several_models(browser):
+    small = FakeBackend(model_name="fake-small")
+    small.max_context = 256
+    main = FakeBackend()
+    with ServerThread(create_app([main, small])) as running:
+        page = open_page(browser, running.url)
+        picker = page.get_by_test_id("model-select")
+        expect(picker).to_be_visible()
+        expect(picker.locator("option")).to_have_text(["fake-d4", "fake-small"])
+        picker.select_option("fake-small")
+        page.get_by_test_id("open-settings").click()
+        expect(page.get_by_test_id("setting-max-tokens")).to_have_attribute("max", "256")
+        page.get_by_test_id("setting-max-tokens").fill("200")
+        page.get_by_test_id("save-settings").click()
+        send(page, "which one")
+        wait_idle(page)
+        assert small.requests and small.requests[-1][1].max_tokens == 200 and not main.requests
+        page.reload()  # the choice is remembered
+        expect(page.get_by_test_id("model-select")).to_have_value("fake-small")
+        assert page.errors == []
+        page.context.close()

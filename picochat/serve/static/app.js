@@ -31,7 +31,7 @@
     input: $("input"), composer: $("composer"), send: $("send"), stop: $("stop"), modelName: $("model-name"),
     status: $("status"), settings: $("settings"), settingsForm: $("settings-form"),
     temperature: $("temperature"), maxTokens: $("max-tokens"), apiKey: $("api-key"), apiKeyRow: $("api-key-row"),
-    topP: $("top-p"), systemPrompt: $("system-prompt"), maxTokensHint: $("max-tokens-hint"),
+    modelSelect: $("model-select"), topP: $("top-p"), systemPrompt: $("system-prompt"), maxTokensHint: $("max-tokens-hint"),
     confirmDelete: $("confirm-delete"), confirmDeleteTitle: $("confirm-delete-title"),
   };
 
@@ -40,6 +40,7 @@
     currentId: localStorage.getItem(CURRENT_KEY),
     settings: { ...DEFAULT_SETTINGS, ...loadJSON(SETTINGS_KEY, {}) },
     model: "picochat",
+    models: [], // [{ id, max_context }] from /health
     maxContext: null, // the model's context in tokens, from /health: bounds the max-tokens setting
     streams: new Map(), // conversation id -> { controller, reply } while its reply is being generated
     editing: null, // index of the user message being edited, in the current conversation
@@ -543,6 +544,7 @@
       return;
     }
     state.settings = {
+      ...state.settings,
       temperature: Number(els.temperature.value), topP: Number(els.topP.value),
       maxTokens: Number(els.maxTokens.value), systemPrompt: els.systemPrompt.value,
       apiKey: els.apiKey.value.trim(),
@@ -560,14 +562,24 @@
     renderComposer();
   }
 
+  function chooseModel(model) { // the model new replies come from, and its context bounding max tokens
+    state.model = model.id;
+    state.maxContext = model.max_context;
+    els.maxTokens.max = model.max_context;
+    els.maxTokensHint.textContent = `longest reply, in tokens (at most ${model.max_context}, this model's context)`;
+    els.modelName.textContent = model.id;
+  }
+
   async function loadServerInfo() {
     try {
       const health = await (await fetch("/health")).json();
-      state.model = health.model;
-      state.maxContext = health.max_context;
-      els.maxTokens.max = health.max_context;
-      els.maxTokensHint.textContent = `longest reply, in tokens (at most ${health.max_context}, this model's context)`;
-      els.modelName.textContent = health.model;
+      state.models = health.models || [{ id: health.model, max_context: health.max_context }];
+      const saved = state.models.find((m) => m.id === state.settings.model);
+      chooseModel(saved || state.models[0]);
+      els.modelSelect.replaceChildren(...state.models.map((m) => element("option", { value: m.id }, escapeHtml(m.id))));
+      els.modelSelect.value = state.model;
+      els.modelSelect.hidden = state.models.length < 2; // a menu only when the server has several models
+      els.modelName.hidden = !els.modelSelect.hidden;
       els.apiKeyRow.hidden = !health.auth_required;
       els.status.textContent = "";
       if (!current()?.messages.length) renderThread();
@@ -592,6 +604,12 @@
   $("new-chat").addEventListener("click", newChat);
   $("open-settings").addEventListener("click", openSettings);
   $("cancel-settings").addEventListener("click", () => els.settings.close());
+  els.modelSelect.addEventListener("change", () => {
+    chooseModel(state.models.find((m) => m.id === els.modelSelect.value));
+    state.settings.model = state.model;
+    localStorage.setItem(SETTINGS_KEY, JSON.stringify(state.settings));
+    if (!current()?.messages.length) renderThread();
+  });
   $("cancel-delete").addEventListener("click", () => els.confirmDelete.close("cancel"));
   els.settingsForm.addEventListener("submit", saveSettings);
   $("toggle-sidebar").addEventListener("click", openSidebar);
