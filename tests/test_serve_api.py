@@ -480,3 +480,26 @@ def test_main_serves_several_models_and_defaults_to_the_newest_stage(monkeypatch
     assert serve_app.main([]) == 0
     assert built == [("rl", None, None)]
     assert "serving the rl model (the newest trained stage" in capsys.readouterr().out
+
+
+def test_a_failing_request_ends_only_itself(client):
+    """Issue 12: an attacker whose generation fails gets its error; a victim streaming beside it goes on."""
+
+    def victim() -> str:
+        stream = client.chat.completions.create(model=MODEL, messages=user("long victim"), stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    def attacker() -> str:
+        try:
+            for _ in client.chat.completions.create(model=MODEL, messages=user("explode"), stream=True):
+                pass
+        except openai.APIError as e:
+            return str(e)
+        return "no error"
+
+    with ThreadPoolExecutor(4) as pool:
+        victims = [pool.submit(victim) for _ in range(2)]
+        attackers = [pool.submit(attacker) for _ in range(2)]
+        assert all("exploded" in a.result() for a in attackers)
+        whole = "".join(f"word{i} " for i in range(LIMITS.default_max_tokens))  # the reply cut at max_tokens
+        assert [v.result() for v in victims] == [whole, whole]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -241,6 +242,13 @@ def _model_spec(text: str) -> tuple[str, str | None]:
     return stage, tag or None
 
 
+def _own_names(host: str) -> list[str]:
+    """Listening on every interface: this machine's own names are expected in Host headers too."""
+    if host not in ("0.0.0.0", "::", ""):
+        return []
+    return [socket.gethostname(), socket.getfqdn()]
+
+
 def _load_backends(args: argparse.Namespace) -> list[Backend]:
     try:
         from picochat.serve.batching import ContinuousBatchingBackend
@@ -371,7 +379,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         backends,
         api_key=api_key,
         limits=limits,
-        allowed_hosts=[args.host, *args.allow_host],
+        allowed_hosts=[args.host, *args.allow_host, *_own_names(args.host)],
         cors_origins=args.cors_origin,
     )
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
