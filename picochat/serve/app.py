@@ -11,6 +11,7 @@ requests (picochat/serve/protocol.py, completions.py), runs one backend generati
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import socket
@@ -182,7 +183,9 @@ def create_app(
         req = parse_completion_request(body, limits, backend.max_context)
         _check_bias(req.params, backend)
         tokenizer = backend.tokenizer
-        prompts = [prompt_ids(p, tokenizer, tokenizer.get_bos_token_id()) for p in req.prompts]
+        bos = tokenizer.get_bos_token_id()
+        # Tokenizing up to a 2 MB body is real work: keep it off the event loop.
+        prompts = await asyncio.to_thread(lambda: [prompt_ids(p, tokenizer, bos) for p in req.prompts])
         for ids in prompts:
             check_fits(ids, req.params.max_tokens, backend.max_context)
         echoed: list[tuple[str, list]] = []
