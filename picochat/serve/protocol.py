@@ -82,7 +82,11 @@ REFUSED = {
     "prediction": "predicted outputs are not supported",
     "web_search_options": "picochat has no web search",
     "suffix": "picochat's models cannot fill in the middle",
+    "reasoning_effort": "picochat's models do not reason before answering",
+    "verbosity": "picochat's models have no verbosity control",
 }
+# Accepted with no effect on a local server: user, metadata, prompt_cache_key, safety_identifier,
+# service_tier, and store when false (there is nothing to store, so store: true is refused).
 MAX_TOP_LOGPROBS = 20
 
 
@@ -150,6 +154,8 @@ def refuse_unsupported(body: dict) -> None:
     for name, why in REFUSED.items():
         if body.get(name) is not None:
             raise ApiError(f"{name} is not supported: {why}. Remove it from the request.", param=name)
+    if body.get("store"):
+        raise ApiError("store is not supported: picochat keeps no completions; send false.", param="store")
     if not isinstance(body.get("model", ""), (str, type(None))):
         raise ApiError("model must be a string.", param="model")
     if not isinstance(body.get("user", ""), (str, type(None))):
