@@ -84,6 +84,12 @@ def page(browser, server):
     page.context.close()
 
 
+def screenshot(page, name: str, full_page: bool = False) -> None:
+    """Save a screenshot to test-artifacts/ (git-ignored; CI keeps it as an artifact)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=full_page)
+
+
 def send(page, text: str) -> None:
     page.get_by_test_id("composer-input").fill(text)
     page.keyboard.press("Enter")
@@ -190,8 +196,7 @@ def test_tool_calls_and_markdown(page, backend):
         {"type": "python_output", "text": "5"},
         {"type": "text", "text": "The answer is 5."},
     ]
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "webui.png"))
+    screenshot(page, "webui.png")
 
 
 def test_conversations_persist_in_local_storage(page):
@@ -220,6 +225,7 @@ def test_conversations_persist_in_local_storage(page):
     items.first.hover()
     items.first.get_by_test_id("delete-conversation").click()  # asks first: Cancel keeps it
     expect(page.get_by_test_id("confirm-delete")).to_contain_text("Why is the sky blue?")
+    screenshot(page, "webui-confirm-delete.png")
     page.get_by_test_id("cancel-delete").click()
     expect(page.get_by_test_id("confirm-delete")).to_be_hidden()
     expect(items).to_have_count(2)
@@ -298,8 +304,7 @@ def test_narrow_screen_sidebar(browser, server):
     expect(new_chat).to_be_in_viewport()
     page.get_by_test_id("conversation-item").first.get_by_role("button", name="hi from a phone").click()
     expect(new_chat).not_to_be_in_viewport()
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "webui-narrow.png"))
+    screenshot(page, "webui-narrow.png")
     assert page.errors == []
     page.context.close()
 
@@ -328,10 +333,9 @@ def test_rich_markdown_is_rendered_safely(page):
     assert color != code.evaluate("e => getComputedStyle(e).color"), "keywords are not highlighted"
     expect(reply.get_by_test_id("final-answer")).to_have_text("Answer42")
     assert reply.locator("h6").count() == 0  # "#### 42" is the final answer, not a tiny heading
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "webui-markdown.png"), full_page=True)
+    screenshot(page, "webui-markdown.png", full_page=True)
     page.emulate_media(color_scheme="dark")
-    page.screenshot(path=str(ARTIFACTS / "webui-markdown-dark.png"), full_page=True)
+    screenshot(page, "webui-markdown-dark.png", full_page=True)
 
 
 def test_switching_conversations_does_not_abort_a_reply(page):
@@ -349,6 +353,7 @@ def test_switching_conversations_does_not_abort_a_reply(page):
     items.get_by_role("button", name="a long story").click()
     story = page.get_by_test_id("assistant-content")
     expect(page.get_by_test_id("stop")).to_be_visible()  # still streaming
+    screenshot(page, "webui-background-reply.png")
     expect(story).to_contain_text(f"word{LONG_WORDS - 1}", timeout=30_000)
     wait_idle(page)  # the story ran to its last word: switching away did not cancel it
     expect(page.get_by_text("Stopped.")).to_have_count(0)
@@ -365,6 +370,7 @@ def test_system_prompt_top_p_and_bounded_max_tokens(page, backend):
     max_tokens.fill("1024")
     page.get_by_test_id("setting-top-p").fill("0.7")
     page.get_by_test_id("setting-system-prompt").fill("You are a pirate.")
+    screenshot(page, "webui-settings.png")
     page.get_by_test_id("save-settings").click()
     expect(page.get_by_test_id("settings-dialog")).to_be_hidden()
     send(page, "ahoy")
