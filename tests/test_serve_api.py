@@ -448,40 +448,6 @@ def test_main_builds_backend_and_runs_uvicorn(monkeypatch):
         assert status == 401
 
 
-def test_main_serves_several_models_and_defaults_to_the_newest_stage(monkeypatch, tmp_path, capsys):
-    built = []
-
-    class Loader:
-        @staticmethod
-        def from_checkpoint(**kwargs):
-            built.append((kwargs["source"], kwargs["model_tag"], kwargs["step"]))
-            return FakeBackend(model_name=f"picochat-{kwargs['source']}-{kwargs['model_tag']}")
-
-    monkeypatch.setitem(
-        sys.modules, "picochat.serve.batching", types.SimpleNamespace(ContinuousBatchingBackend=Loader)
-    )
-    apps = []
-    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: apps.append(app))
-    assert serve_app.main(["--model", "base:d4", "--model", "sft:d6", "--cors-origin", "http://x:3000"]) == 0
-    assert built == [("base", "d4", None), ("sft", "d6", None)]
-    with ServerThread(apps[-1]) as running:
-        client = openai.OpenAI(api_key="-", base_url=running.url + "/v1", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["picochat-base-d4", "picochat-sft-d6"]
-    with pytest.raises(SystemExit):
-        serve_app.main(["--model", "final:d4"])
-    with pytest.raises(PicochatError, match="--model replaces"):
-        serve_app.main(["--model", "sft", "-i", "mid"])
-
-    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
-    (tmp_path / "checkpoints" / "rl" / "d4" / "step_000001").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "rl" / "d4" / "step_000001" / "meta.json").write_text("{}")
-    built.clear()
-    capsys.readouterr()
-    assert serve_app.main([]) == 0
-    assert built == [("rl", None, None)]
-    assert "serving the rl model (the newest trained stage" in capsys.readouterr().out
-
-
 def test_a_failing_request_ends_only_itself(client):
     """Issue 12: an attacker whose generation fails gets its error; a victim streaming beside it goes on."""
 
