@@ -37,6 +37,7 @@ from picochat.report_machine import hourly_cost, system_info
 from picochat.report_plots import plot_curves, read_metrics
 from picochat.report_schema import (
     BPB,
+    CHAT_TASK_NAMES,
     COUNT,
     FLAG,
     FLOPS,
@@ -59,19 +60,11 @@ from picochat.report_schema import (
 )  # fmt: skip
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-SECTION_ORDER = ["header", "download", "tokenizer", "tokenizer-eval", "base", "base-eval", "mid",
-                 "chat-eval-mid",
-                 "sft", "chat-eval-sft", "rl", "chat-eval-rl"]  # fmt: skip
+SECTION_ORDER = ["header", "download", "tokenizer", "tokenizer-eval", "base", "base-eval",
+                 "mid", "chat-eval-mid", "sft", "chat-eval-sft", "rl", "chat-eval-rl"]  # fmt: skip
 # Summary columns: column title -> the section holding that stage's evaluation.
 STAGE_COLUMNS = {"BASE": "base-eval", "MID": "chat-eval-mid", "SFT": "chat-eval-sft", "RL": "chat-eval-rl"}
-CHAT_METRICS = [
-    "ARC-Challenge",
-    "ARC-Easy",
-    "GSM8K",
-    "HumanEval",
-    "MMLU",
-    "SpellingBee",
-]  # chat-eval task names
+CHAT_METRICS = sorted(CHAT_TASK_NAMES)  # the chat evals' tasks, alphabetically as nanochat's table
 SUMMARY_METRICS = ["Validation bpb", "CORE", *CHAT_METRICS, "ChatCORE"]
 GPT2_CORE = 0.256525  # GPT-2 (1.6B)'s CORE as nanochat's README states it
 
@@ -138,20 +131,23 @@ def reset_report() -> None:
     record("header", {"start_unix": time.time(), "system": system_info()})
 
 
-def load_records(folder: Path | None = None) -> tuple[dict[str, Record], dict[str, str]]:
-    """Every readable recorded section keyed by name, and {section: why it was left out} for the rest."""
+def load_sections(folder: Path | None = None, problems: dict[str, str] | None = None) -> dict[str, Record]:
+    """Every readable recorded section keyed by name; each one left out is warned about on stderr and, if
+    `problems` is given, noted there as {section: why}."""
     folder = folder or report_dir()
-    records, problems = {}, {}
+    records, left_out = {}, {}
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
             records[path.stem] = parse_record(path.stem, json.loads(path.read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError) as e:
-            problems[path.stem] = f"unreadable ({type(e).__name__}: {e})"
+            left_out[path.stem] = f"unreadable ({type(e).__name__}: {e})"
         except PicochatError as e:
-            problems[path.stem] = str(e)
-    for section, why in problems.items():
+            left_out[path.stem] = str(e)
+    for section, why in left_out.items():
         print(f"warning: report section {section} left out: {why}", file=sys.stderr)
-    return records, problems
+    if problems is not None:
+        problems.update(left_out)
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +179,7 @@ def render_summary(records: dict[str, Record]) -> list[str]:
     rows = []
     for metric in SUMMARY_METRICS:
         unit = BPB if metric == "Validation bpb" else SCORE
-        rows.append([f"**{metric}**", *(_fmt(cells[metric][c], unit, bare=True) for c in columns)])
+        rows.append([metric, *(_fmt(cells[metric][c], unit, bare=True) for c in columns)])
         for i, ref in enumerate(REFERENCES, start=1):
             if metric in ref.cells:
                 values = (_fmt(ref.cells[metric].get(c), unit, bare=True) for c in columns)
@@ -390,7 +386,8 @@ def render_report(
 
 def write_report(destinations: list[Path]) -> str:
     """Render the report and write it, with its figures in `<stem>_files/` beside it, to every destination."""
-    records, problems = load_records()
+    problems: dict[str, str] = {}
+    records = load_sections(problems=problems)
     figures = collect_figures(records)
     text = ""
     for dest in destinations:

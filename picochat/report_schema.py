@@ -1,16 +1,16 @@
 """The report card's record types: what each stage's section holds, with one unit per kind of figure.
 
 Every section a stage records (`picochat.report.record(section, data)`) is checked against its type
-here and saved as `{"schema_version", "section", "timestamp", "data"}`. A type lists every field the
-section may hold, the unit it is in and whether it is required; an unknown section, an unknown field, a
-missing required field or a value of the wrong kind is a `PicochatError` that names it. Reading back
-needs no guessing: the report looks fields up by their declared names.
+here and saved as one flat JSON object: `schema_version`, `section`, `timestamp`, then its fields. A
+type lists every field the section may hold, the unit it is in and whether it is required; an unknown
+section, an unknown field, a missing required field or a value of the wrong kind is a `PicochatError`
+that names it. Reading back needs no guessing: the report looks fields up by their declared names.
 
 Normalisation makes the figures comparable: durations are seconds (`train_minutes` becomes
 `train_seconds`), scores and accuracies are fractions in [0, 1] (CORE may be negative), paths are stored
-relative to $PICOCHAT_HOME (never the writing machine's absolute path), per-task accuracies of mid/SFT
-(`accuracy_<task>`) become one `accuracy` table, and samples become `Sample`s: a conversation (prompt,
-reply, whether the turn ended, whether the calculator was called) or a base model's plain completion.
+relative to $PICOCHAT_HOME (never the writing machine's absolute path), and samples become `Sample`s: a
+conversation (prompt, reply, whether the turn ended, whether the calculator was called) or a base
+model's plain completion.
 """
 
 from __future__ import annotations
@@ -63,10 +63,13 @@ _CHAT_EVAL = _fields(
     source=TEXT, temperature=RATIO, top_k=COUNT, max_new_tokens=COUNT, num_samples=COUNT, seed=COUNT,
     seconds=SECONDS,
 )  # fmt: skip
+# The chat evaluations' task names (evals/chat.py CHAT_TASKS): mid/SFT record accuracy_<task> for each.
+CHAT_TASK_NAMES = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 _CHAT_TRAIN = _fields(
     "steps",
     **_TRAINED, input=JSON, grad_accum_steps=COUNT, device_batch_size=COUNT, max_seq_len=COUNT,
-    final_val_loss=NATS, accuracy=TABLE, train_conversations=COUNT, flops_per_token=FLOPS, tokens=COUNT,
+    final_val_loss=NATS, train_conversations=COUNT, flops_per_token=FLOPS, tokens=COUNT,
+    **{f"accuracy_{task}": SCORE for task in CHAT_TASK_NAMES},
 )  # fmt: skip
 
 # The record types, keyed by section name.
@@ -138,7 +141,7 @@ class Record:
 
     def to_json(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "section": self.section, "timestamp": self.timestamp,
-                "data": self.data}  # fmt: skip
+                **self.data}  # fmt: skip
 
 
 def make_record(section: str, timestamp: str, data: dict[str, Any]) -> Record:
@@ -148,22 +151,17 @@ def make_record(section: str, timestamp: str, data: dict[str, Any]) -> Record:
         raise PicochatError(f"unknown report section {section!r}; record one of: {known}")
     if not isinstance(data, dict):
         raise PicochatError(f"report section {section!r} must be a dict of fields, not {type(data).__name__}")
-    types, out, accuracy = SECTION_TYPES[section], {}, {}
+    types, out = SECTION_TYPES[section], {}
     for name, value in data.items():
         if name in RENAMED:
             name, factor = RENAMED[name]
             value = value * factor if isinstance(value, (int, float)) else value
-        if name.startswith("accuracy_") and "accuracy" in types:  # mid/SFT: accuracy_<task>
-            accuracy[name.removeprefix("accuracy_")] = {"accuracy": _check(section, name, SCORE, value)}
-            continue
         if name not in types:
             raise PicochatError(
                 f"report section {section!r} has an unknown field {name!r}; declare it with its unit in "
                 "picochat/report_schema.py SECTION_TYPES (or stop recording it)"
             )
         out[name] = _check(section, name, types[name].unit, value)
-    if accuracy:
-        out["accuracy"] = accuracy
     missing = [n for n, f in types.items() if f.required and out.get(n) is None]
     if missing:
         raise PicochatError(f"report section {section!r} lacks required field(s): {', '.join(missing)}")
@@ -178,10 +176,11 @@ def parse_record(section: str, payload: Any) -> Record:
             f"report section {section!r} is not a JSON object; rerun the stage that writes it"
         )
     version = payload.get("schema_version")
+    timestamp = str(payload.get("timestamp", "?"))
+    data = {k: v for k, v in payload.items() if k not in ("schema_version", "section", "timestamp")}
     if version is None:
-        data = {k: v for k, v in payload.items() if k not in ("section", "timestamp")}
         try:
-            return make_record(section, str(payload.get("timestamp", "?")), data)
+            return make_record(section, timestamp, data)
         except PicochatError as e:
             raise PicochatError(
                 f"report section {section!r} was written by an older picochat (no schema version) and does "
@@ -192,7 +191,7 @@ def parse_record(section: str, payload: Any) -> Record:
             f"report section {section!r} has schema version {version}, this picochat reads {SCHEMA_VERSION}; "
             "render it with the picochat that wrote it, or rerun the stage"
         )
-    return make_record(section, str(payload.get("timestamp", "?")), payload.get("data"))
+    return make_record(section, timestamp, data)
 
 
 def _check(section: str, name: str, unit: str, value: Any) -> Any:

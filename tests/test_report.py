@@ -104,16 +104,16 @@ def summary_rows(markdown: str) -> list[tuple[str, dict[str, str]]]:
 
 
 def summary_table(markdown: str) -> dict[str, dict[str, str]]:
-    """{metric: {column: cell}} of this run's rows (bold), without the reference rows."""
-    return {k.strip("*"): v for k, v in summary_rows(markdown) if k.startswith("**")}
+    """{metric: {column: cell}} of this run's rows, without the (italic) reference rows."""
+    return {k: v for k, v in summary_rows(markdown) if not k.startswith("_")}
 
 
 def reference_rows(markdown: str, metric: str) -> dict[str, dict[str, str]]:
     """{reference label: {column: cell}} of the rows under `metric`."""
     rows, found = {}, False
     for label, cells in summary_rows(markdown):
-        if label.startswith("**"):
-            found = label == f"**{metric}**"
+        if not label.startswith("_"):
+            found = label == metric
         elif found:
             rows[label] = cells
     return rows
@@ -173,10 +173,11 @@ def test_report_puts_each_number_in_its_cell_beside_the_references_and_draws_png
 
 def test_durations_are_seconds_and_samples_are_conversations(home):
     record_full_run(home)
-    records, problems = report.load_records()
+    problems = {}
+    records = report.load_sections(problems=problems)
     assert not problems
     assert records["base"].data["train_seconds"] == 120.0 and "train_minutes" not in records["base"].data
-    assert records["mid"].data["accuracy"] == {"SpellingBee": {"accuracy": 0.5}}
+    assert records["mid"].number("accuracy_SpellingBee") == 0.5
     text = report.write_report([home / "r.md"])
     assert "- train_seconds: 30.5 s" in text and "- train_seconds: 0h 02m 00s" in text
     assert "- seconds: 0h 01m 16s" in text  # chat eval's `seconds`: the same duration format
@@ -193,8 +194,8 @@ def test_no_absolute_path_of_the_writing_machine(home, tmp_path):
     )
     stored = json.loads((home / "report" / "base.json").read_text())
     assert stored["schema_version"] == report_schema.SCHEMA_VERSION and stored["section"] == "base"
-    assert stored["data"]["metrics"] == "runs/d4/metrics.jsonl"
-    assert stored["data"]["checkpoint_dir"] == "checkpoints/base/d4"
+    assert stored["metrics"] == "runs/d4/metrics.jsonl"
+    assert stored["checkpoint_dir"] == "checkpoints/base/d4"
     text = report.write_report([home / "r.md"])
     assert str(tmp_path) not in text and str(Path.home()) not in text and "/srv/" not in text
     assert "- metrics: `$PICOCHAT_HOME/runs/d4/metrics.jsonl`" in text and "- dest: `.../data/hub`" in text
@@ -227,8 +228,9 @@ def test_old_unversioned_sections_are_read_or_refused_with_a_clear_message(home)
     atomic_write_json(
         folder / "chat-eval-mid.json", {"section": "chat-eval-mid", "ARC-Easy": 0.31}
     )  # fuzzy era
-    atomic_write_json(folder / "sft.json", {"schema_version": 99, "section": "sft", "data": {"steps": 1}})
-    records, problems = report.load_records()
+    atomic_write_json(folder / "sft.json", {"schema_version": 99, "section": "sft", "steps": 1})
+    problems = {}
+    records = report.load_sections(problems=problems)
     assert records["base"].data == {"steps": 5, "train_seconds": 90.0, "final_val_bpb": 1.9}
     assert "written by an older picochat (no schema version)" in problems["chat-eval-mid"]
     assert "rerun that stage" in problems["chat-eval-mid"]
@@ -293,7 +295,7 @@ def test_wall_clock_and_cost_on_8_h100_and_on_a_cpu(home):
     atomic_write_json(
         home / "report" / "header.json",
         {"schema_version": 1, "section": "header", "timestamp": "2026-01-01 00:00:00",
-         "data": {"start_unix": time.time() - 7200, "system": system}},
+         "start_unix": time.time() - 7200, "system": system},
     )  # fmt: skip
     report.record("base", {"steps": 1})
     text = report.write_report([home / "report.md"])
@@ -311,23 +313,33 @@ def test_reset_clears_and_records_a_header(home):
     (home / "report" / "report.md").write_text("old")
     report.reset_report()
     assert sorted(p.name for p in (home / "report").iterdir()) == ["header.json"]
-    header = report.load_records()[0]["header"].data
+    header = report.load_sections()["header"].data
     assert abs(header["start_unix"] - time.time()) < 60
     assert header["system"]["code"]["files"] > 5 and header["system"]["code"]["approx_tokens"] > 1000
     assert header["system"]["python"] and header["system"]["cores_logical"] >= 1
-    assert report.main(["--reset"]) == 0 and list(report.load_records()[0]) == ["header"]
+    assert report.main(["--reset"]) == 0 and list(report.load_sections()) == ["header"]
 
 
 def test_record_writes_one_json_per_section_on_rank_0_only(home, monkeypatch):
     report.record("tokenizer", {"vocab_size": 512})
     saved = json.loads((home / "report" / "tokenizer.json").read_text())
-    assert saved["section"] == "tokenizer" and saved["data"] == {"vocab_size": 512}
+    assert saved["section"] == "tokenizer" and saved["schema_version"] == report_schema.SCHEMA_VERSION
+    assert {k: v for k, v in saved.items() if k not in ("section", "schema_version", "timestamp")} == {
+        "vocab_size": 512
+    }
     time.strptime(saved["timestamp"], report.TIME_FORMAT)
     monkeypatch.setenv("RANK", "1")
     report.record("sft", {"steps": 1})
     assert not (home / "report" / "sft.json").exists()
     with pytest.raises(PicochatError):  # every rank checks, so a bad section fails on all of them alike
         report.record("sft", {"steps": "one"})
+
+
+def test_the_chat_task_names_are_the_chat_evals():
+    from picochat.evals.chat import CHAT_TASKS
+
+    assert report_schema.CHAT_TASK_NAMES == tuple(CHAT_TASKS)
+    assert set(report.CHAT_METRICS) == set(CHAT_TASKS)  # SpellingBee included
 
 
 def test_every_flag_has_help():
