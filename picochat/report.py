@@ -108,6 +108,7 @@ REFERENCES = [
         {"CORE": _stages(GPT2_CORE, None, None, None)},
     ),
 ]  # fmt: skip
+_MARKDOWN_SPECIALS = set("\\`*_{}[]<>#|!")
 MAX_VALUE_CHARS = 300  # longer nested values are cut in the report (the JSON keeps them whole)
 
 
@@ -259,6 +260,8 @@ def _fmt(value: Any, unit: str = JSON, bare: bool = False) -> str:
     if unit == RATE:
         return f"{value:,.0f}/s"
     if isinstance(value, float):
+        if value != 0 and abs(value) < 1e-3:
+            return f"{value:.3e}"
         return f"{value:.4f}" if abs(value) < 1e4 else f"{value:,.0f}"
     if isinstance(value, str):
         return value
@@ -283,18 +286,25 @@ def render_samples(samples: list[Sample]) -> list[str]:
     lines = ["", "**Samples**", ""]
     for s in samples:
         if s.prompt is None:
-            lines += [*_quote(s.reply), ""]
+            lines += [*_quote(_escaped(s.reply)), ""]
             continue
         notes = [{True: "ended its turn", False: "did not end its turn"}.get(s.ended, ""),
                  "called the calculator" if s.tool_call else ""]  # fmt: skip
         note = "; ".join(n for n in notes if n)
-        lines += _quote(f"**User:** {s.prompt}") + [">"] + _quote(f"**Assistant:** {s.reply}")
+        lines += (
+            _quote(f"**User:** {_escaped(s.prompt)}") + [">"] + _quote(f"**Assistant:** {_escaped(s.reply)}")
+        )
         lines += ([">", f"> _({note})_"] if note else []) + [""]
     return lines
 
 
 def _quote(text: str) -> list[str]:
     return [f"> {line}".rstrip() for line in text.splitlines() or [""]]
+
+
+def _escaped(text: str) -> str:
+    """Model text shown literally: a reply's `####` or `<|python_start|>` must not become markdown."""
+    return "".join("\\" + c if c in _MARKDOWN_SPECIALS else c for c in text)
 
 
 def render_section(rec: Record, figures: list[str]) -> list[str]:

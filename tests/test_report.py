@@ -185,6 +185,13 @@ def test_durations_are_seconds_and_samples_are_conversations(home):
     assert "> **User:** What is 2+2?\n>\n> **Assistant:** 4\n> four\n>\n> _(ended its turn)_" in text
     assert "> The capital of France is Paris." in text  # a base model's completion
     assert "{'prompt'" not in text and "'reply'" not in text
+    # Model text is shown literally: a reply's "####" or special tokens do not become markdown.
+    samples = [report_schema.Sample(reply="#### 42 <|python_end|> *x*", prompt="q_1")]
+    shown = "\n".join(report.render_samples(samples))
+    assert (
+        "> **User:** q\\_1" in shown
+        and "> **Assistant:** \\#\\#\\#\\# 42 \\<\\|python\\_end\\|\\> \\*x\\*" in shown
+    )
 
 
 def test_no_absolute_path_of_the_writing_machine(home, tmp_path):
