@@ -31,6 +31,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from picochat import checkpoint_checks as checks
 from picochat.common import PicochatError, atomic_write_json, autodetect_device_type, get_base_dir
 
 STAGES = ("base", "mid", "sft", "rl")
@@ -39,6 +40,7 @@ META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _TMP_PREFIX = ".tmp_step_"
 _OPTIM_FORMAT = "picochat-optim-v1"
+_DIVERGED = "The run diverged (its loss turned NaN) before this save; lower the learning rate if it recurs."
 
 
 class Checkpoint(NamedTuple):
@@ -360,14 +362,25 @@ def _resolve_step(checkpoint_dir: Path, step: int | None) -> Path:
     return step_dir(checkpoint_dir, step)
 
 
-def _damaged(path: Path, problem: str) -> PicochatError:
+_CUT_SHORT = "It was probably cut short by a full disk or a partial copy, or edited by hand."
+
+
+def _damaged(path: Path, problem: str, cause: str = _CUT_SHORT) -> PicochatError:
     folder = path.parent
     earlier = [s for s in list_steps(folder.parent) if step_dir(folder.parent, s) != folder]
     fallback = f"the previous checkpoint (step {earlier[-1]})" if earlier else "a fresh run"
     return PicochatError(
-        f"checkpoint file {path} {problem}. It was probably cut short by a full disk or a partial copy. "
+        f"checkpoint file {path} {problem}. {cause} "
         f"Fix: copy the checkpoint again from its source, or delete {folder} to fall back to {fallback}."
     )
+
+
+def _checked(path: Path, check: Any, *args: Any, cause: str = _CUT_SHORT) -> Any:
+    """Run one of picochat.checkpoint_checks on what `path` holds; its ValueError names the file."""
+    try:
+        return check(*args)
+    except ValueError as e:
+        raise _damaged(path, str(e), cause) from e
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
@@ -376,8 +389,7 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _damaged(path, f"cannot be read as JSON ({e})") from e
-    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
-        raise _damaged(path, "has no file list (not a picochat checkpoint?)")
+    _checked(path, checks.check_meta_structure, meta)
     return meta
 
 
@@ -412,13 +424,16 @@ def load_checkpoint(
     """Load (and verify) the checkpoint of `step`, or the latest complete one when step is None.
 
     Refuses, with a PicochatError naming the file and the fix, a checkpoint whose files are missing,
-    truncated, corrupt or unparsable. When distributed, each rank gets its own optimiser shard and
+    truncated, corrupt or unparsable, whose meta.json lacks a field or has a wrong type, or whose
+    weights are not finite. When distributed, each rank gets its own optimiser shard and
     its own entry of meta["ranks"] as meta["rank_state"].
     """
     rank, world_size = _dist_world()
     folder = _resolve_step(Path(checkpoint_dir), step)
     meta = _read_meta(folder)
-    model_state = load_file(str(_verify(folder, MODEL_FILE, meta)), device=str(device))
+    model_path = _verify(folder, MODEL_FILE, meta)
+    model_state = load_file(str(model_path), device=str(device))
+    _checked(model_path, checks.check_finite, model_state, cause=_DIVERGED)
 
     optim_state = None
     sharded = meta.get("optim_sharded", False)
@@ -456,7 +471,7 @@ def load_model(
 
     model_tag defaults to the deepest `d<N>`; step to the latest. phase "eval" or "train" sets the mode.
     """
-    from picochat.gpt import GPT, GPTConfig
+    from picochat.gpt import GPT
     from picochat.tokenizer import get_tokenizer
 
     if phase not in ("eval", "train"):
@@ -464,10 +479,10 @@ def load_model(
     model_tag = model_tag or find_model_tag(stage)
     device = torch.device(device if device is not None else autodetect_device_type())
     ckpt = load_checkpoint(checkpoint_dir_for(stage, model_tag), step, device, load_optim=False)
-    if "model_config" not in ckpt.meta:
-        raise PicochatError(f"{ckpt.meta['path']}/{META_FILE} has no model_config; it cannot be rebuilt")
-    config = GPTConfig(**ckpt.meta["model_config"])
+    folder = Path(ckpt.meta["path"])
+    config = _checked(folder / META_FILE, checks.model_config, ckpt.meta.get("model_config"))
     state = ckpt.model_state
+    _checked(folder / MODEL_FILE, checks.check_weights_match, config, state)
     if device.type != "cuda":  # bf16 weights saved on a GPU are slow or unsupported elsewhere
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     with torch.device(device):
