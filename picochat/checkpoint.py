@@ -15,6 +15,7 @@ full disk) are caught by the sizes and hashes and refused with a message saying 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,7 +34,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from picochat import checkpoint_checks as checks
-from picochat.common import PicochatError, atomic_write_json, autodetect_device_type, get_base_dir
+from picochat.common import (
+    PicochatError,
+    atomic_write_json,
+    autodetect_device_type,
+    get_base_dir,
+    write_failed,
+)
+from picochat.state_tree import flatten_state, unflatten_state
 
 STAGES = ("base", "mid", "sft", "rl")
 MODEL_FILE = "model.safetensors"
@@ -118,63 +127,6 @@ def find_model_tag(stage: str) -> str:
             f"no d<N> model tag under {root} (found {', '.join(sorted(tags))}); pass --model-tag explicitly"
         )
     return max(depth_tags, key=lambda t: int(t[1:]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimiser state <-> (flat tensors, JSON structure)
-
-
-def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
-    """Split a nested state (dicts, lists, tuples, tensors, scalars) into named tensors + a JSON tree.
-
-    Tensors become {"__tensor__": name} in the tree, with names made from their path ("0/state/3/exp_avg").
-    Dicts whose keys are not all strings (torch optimiser states are keyed by parameter index) become
-    {"__items__": [[key, value], ...]} and tuples {"__tuple__": [...]}, so unflattening is exact.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-
-    def encode(x: Any, path: str) -> Any:
-        if isinstance(x, torch.Tensor):
-            if path in tensors:
-                raise ValueError(f"two tensors in the optimiser state map to the same name {path!r}")
-            tensors[path] = x
-            return {"__tensor__": path}
-        if isinstance(x, dict):
-            if all(isinstance(k, str) for k in x):
-                return {k: encode(v, f"{path}/{k}") for k, v in x.items()}
-            return {"__items__": [[_plain_key(k, path), encode(v, f"{path}/{k}")] for k, v in x.items()]}
-        if isinstance(x, tuple):
-            return {"__tuple__": [encode(v, f"{path}/{i}") for i, v in enumerate(x)]}
-        if isinstance(x, list):
-            return [encode(v, f"{path}/{i}") for i, v in enumerate(x)]
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        raise TypeError(
-            f"cannot store {type(x).__name__} at {path!r} in a checkpoint (tensors and JSON only)"
-        )
-
-    return tensors, encode(obj, "")
-
-
-def _plain_key(key: Any, path: str) -> Any:
-    if key is None or isinstance(key, (bool, int, float, str)):
-        return key
-    raise TypeError(f"cannot store a dict key of type {type(key).__name__} at {path!r} in a checkpoint")
-
-
-def unflatten_state(tensors: dict[str, torch.Tensor], tree: Any) -> Any:
-    """Inverse of `flatten_state`."""
-    if isinstance(tree, list):
-        return [unflatten_state(tensors, v) for v in tree]
-    if isinstance(tree, dict):
-        if "__tensor__" in tree:
-            return tensors[tree["__tensor__"]]
-        if "__items__" in tree:
-            return {k: unflatten_state(tensors, v) for k, v in tree["__items__"]}
-        if "__tuple__" in tree:
-            return tuple(unflatten_state(tensors, v) for v in tree["__tuple__"])
-        return {k: unflatten_state(tensors, v) for k, v in tree.items()}
-    return tree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,47 +238,62 @@ def save_checkpoint(
     rank, world_size = _dist_world()
     root = Path(checkpoint_dir)
     tmp = root / f"{_TMP_PREFIX}{step:06d}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{_TMP_PREFIX}*"):  # left behind by a run killed while saving
-            shutil.rmtree(stale)
-        tmp.mkdir()
-    _barrier(world_size)
+    with _naming_save_errors(tmp, step_dir(root, step)):
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(f"{_TMP_PREFIX}*"):  # left behind by a run killed while saving
+                shutil.rmtree(stale)
+            tmp.mkdir()
+        _barrier(world_size)
 
-    files: dict[str, dict] = {}
-    if rank == 0:
-        if model_state is None:
-            raise ValueError("rank 0 must pass the model state to save_checkpoint")
-        files[MODEL_FILE] = _write_safetensors(tmp / MODEL_FILE, model_state, {"format": "pt"})
-    if optim_state is not None and (shard_optim or rank == 0):
-        name = optim_file(rank if shard_optim else None)
-        tensors, tree = flatten_state(optim_state)
-        header = {"format": _OPTIM_FORMAT, "structure": json.dumps(tree)}
-        files[name] = _write_safetensors(tmp / name, tensors, header)
+        files: dict[str, dict] = {}
+        if rank == 0:
+            if model_state is None:
+                raise ValueError("rank 0 must pass the model state to save_checkpoint")
+            files[MODEL_FILE] = _write_safetensors(tmp / MODEL_FILE, model_state, {"format": "pt"})
+        if optim_state is not None and (shard_optim or rank == 0):
+            name = optim_file(rank if shard_optim else None)
+            tensors, tree = flatten_state(optim_state)
+            header = {"format": _OPTIM_FORMAT, "structure": json.dumps(tree)}
+            files[name] = _write_safetensors(tmp / name, tensors, header)
 
-    gathered: list[Any] = [(rank_state, files)]
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, (rank_state, files))
-    if rank == 0:
-        all_files = {name: rec for _, rank_files in gathered for name, rec in rank_files.items()}
-        full_meta = {
-            **meta,
-            "step": step,
-            "world_size": world_size,
-            "optim_sharded": bool(shard_optim and optim_state is not None),
-            "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "ranks": [state for state, _ in gathered],
-            "files": all_files,
-        }
-        atomic_write_json(tmp / META_FILE, full_meta)
-        _fsync_dir(tmp)
-        _publish(tmp, step_dir(root, step))
-        if keep_last:
-            for old in list_steps(root)[:-keep_last]:
-                shutil.rmtree(step_dir(root, old))
+        gathered: list[Any] = [(rank_state, files)]
+        if world_size > 1:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, (rank_state, files))
+        if rank == 0:
+            all_files = {name: rec for _, rank_files in gathered for name, rec in rank_files.items()}
+            full_meta = {
+                **meta,
+                "step": step,
+                "world_size": world_size,
+                "optim_sharded": bool(shard_optim and optim_state is not None),
+                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "ranks": [state for state, _ in gathered],
+                "files": all_files,
+            }
+            atomic_write_json(tmp / META_FILE, full_meta)
+            _fsync_dir(tmp)
+            _publish(tmp, step_dir(root, step))
+            if keep_last:
+                for old in list_steps(root)[:-keep_last]:
+                    shutil.rmtree(step_dir(root, old))
     _barrier(world_size)
     return step_dir(root, step)
+
+
+@contextlib.contextmanager
+def _naming_save_errors(tmp: Path, final: Path) -> Iterator[None]:
+    """A save the environment refuses (read-only folder, full disk) is one line naming the checkpoint;
+    the partial save is removed, and the published checkpoints were never touched."""
+    try:
+        yield
+    except (OSError, SafetensorError, PicochatError) as e:
+        cause = e.__cause__ if isinstance(e, PicochatError) else e  # from common.naming_write_errors
+        if not isinstance(cause, (OSError, SafetensorError)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(final, cause) from e
 
 
 def _publish(tmp: Path, final: Path) -> None:

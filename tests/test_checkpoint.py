@@ -15,15 +15,14 @@ import torch.multiprocessing as mp
 
 from picochat.checkpoint import (
     capture_rng_state,
-    flatten_state,
     list_steps,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
     step_dir,
-    unflatten_state,
 )
 from picochat.common import PicochatError
+from picochat.state_tree import flatten_state, unflatten_state
 
 
 def _trained_pair(seed: int = 0) -> tuple[torch.nn.Module, list[torch.optim.Optimizer]]:
