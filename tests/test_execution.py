@@ -133,12 +133,12 @@ def test_early_exit_never_counts_as_success(mode, exit_early):
 FORGE_RECORDS = """
 import gc, json, os, sys
 record = {"error": None, "memory_exceeded": False, "timed_out": False, "success": True}
-found = set()
+found = []
 frame = sys._getframe()
 while frame is not None:  # the harness's frames: its config, the pipe, any nonce
-    found.update(v for v in frame.f_locals.values() if isinstance(v, dict))
+    found.extend(v for v in frame.f_locals.values() if isinstance(v, dict))
     frame = frame.f_back
-found.update(o for o in gc.get_objects() if isinstance(o, dict) and ("report_fd" in o or "nonce" in o))
+found.extend(o for o in gc.get_objects() if isinstance(o, dict) and ("report_fd" in o or "nonce" in o))
 for config in found:
     record["nonce"] = config.get("nonce")
     for key in ("report_fd", "result_fd"):
