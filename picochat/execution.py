@@ -16,29 +16,50 @@ be wrapped in `unshare`. Everything is set up in C by subprocess (no preexec_fn)
 call from a threaded server.
 
 What each run gets:
-- a new temporary working directory (deleted afterwards) and an almost empty environment (no secrets
-  or API keys from the caller; only PATH, LANG, HOME and TMPDIR pointing at the working directory);
+- a working directory of its own and an almost empty environment (no secrets or API keys from the
+  caller; only PATH, LANG, HOME and TMPDIR pointing at the working directory);
 - its own session/process group, killed as a whole (SIGKILL) when the run ends or times out;
 - where `unshare` works (root, or unprivileged user namespaces): new network namespace (no network
-  at all: just a loopback interface that is down), PID namespace (killing it kills every descendant)
-  and a private /proc;
+  at all: just a loopback interface that is down), PID namespace (killing it kills every descendant),
+  a private /proc, and a mount namespace in which / is read-only and /tmp, /var/tmp and /dev/shm are
+  private tmpfs mounts of PRIVATE_TMP_SIZES (so at most that much RAM outside the memory limit); the
+  working directory lives on that /tmp, so nothing the code writes outlives the run or is visible to
+  another run (without `unshare`: a fresh host temp folder, deleted afterwards);
 - resource limits: address space and data (`max_memory_bytes`), CPU seconds, 16 MB per written file,
   64 open files, 64 processes, no core dumps;
-- when the caller is root: the code runs as `nobody`, so the kernel protects files it does not own,
-  RLIMIT_NPROC takes effect (root ignores it) and other processes' /proc/<pid>/environ is unreadable;
-- Python-level guards (see picochat/_sandbox_child.py): no fork/exec/spawn/system/kill/setsid, no
-  deleting, renaming, chmod-ing or linking files, no writing outside the working directory, no /proc
-  reads, no importing ctypes/socket/subprocess/multiprocessing/ssl/sqlite3/..., no exit/quit/help;
+- when the caller is root: the code runs as a user id of its own (RUN_IDS, fresh for every run), so
+  the kernel protects files it does not own and other runs' folders, RLIMIT_NPROC counts this run's
+  processes only (a fork bomb cannot starve a concurrent run) and /proc/<pid>/environ of other
+  processes is unreadable;
+- Python-level guards (see picochat/_sandbox_child.py): no fork/exec/spawn/system/kill/setsid/_exit,
+  no deleting, renaming, chmod-ing or linking files, no fifos/device nodes/memfds, no writing outside
+  the working directory (open, io.FileIO, os.open, mkdir), no /proc reads, no signal handlers, trace,
+  profile or audit hooks, no importing ctypes/socket/subprocess/multiprocessing/ssl/sqlite3/..., no
+  exit/quit/help;
 - a wall-clock limit (`timeout`, which includes interpreter start-up of roughly 30-50 ms) and
   stdout/stderr capped at MAX_OUTPUT_BYTES each (the run is killed when it writes more).
 
-What is NOT protected: Python-level guards can be undone by code that digs out the original functions
-(closures, gc, re-importing `posix`, `type(f.raw)` for io.FileIO); without root the code still runs as the
-caller's user, so only those guards stand between it and the caller's files; without `unshare` there
-is no network isolation beyond the blocked imports; reads of world-readable files are allowed; CPU and
-disk bandwidth are not throttled. When the caller is root and Python lives in a folder `nobody` cannot
-read (e.g. /root/.pyenv), only the stdlib modules the child preloads are importable
-(PRELOADED_MODULES in picochat/_sandbox_child.py: math, re, collections, itertools, hashlib, ...).
+The verdict (`success`) is the child's exit status, read by this process from the kernel: 0 only when
+the code ran to its end; every failure aborts the child (see `run` in picochat/_sandbox_child.py for
+how that path is kept out of the code's reach). There is no secret or result record the code could
+find (through frames, gc or inherited descriptors) and forge; the child's report pipe only explains a
+failure (error text, memory/CPU flags) and can never turn one into a success.
+
+What remains possible, because the tests run in the same process as the code under test:
+- code that undoes the Python-level guards (a fresh `posix` module through `_imp`, say) can end its
+  process with status 0 before its tests run (posix._exit(0)), which nothing outside the process can
+  tell from a finished run; on Python 3.13+ (PEP 667) it could also rewrite the harness's local
+  variables through frame.f_locals;
+- code can make assert-based tests pass without solving the task: return objects that compare equal
+  to anything, or rebind builtins the tests call (abs, len, isinstance, math functions);
+- Python-level guards can be undone in general (closures, gc, re-importing modules, `type(f.raw)` for
+  the real io.FileIO); without root the code runs as the caller's user, so only those guards stand
+  between it and the caller's files, and RLIMIT_NPROC counts all of the caller's processes; without
+  `unshare` there is no network isolation beyond the blocked imports and no private /tmp; mounts other
+  than / keep their flags; reads of world-readable files are allowed; CPU and disk bandwidth are not
+  throttled. When the caller is root and Python lives in a folder the run's user cannot read (e.g.
+  /root/.pyenv), only the stdlib modules the child preloads are importable (PRELOADED_MODULES in
+  picochat/_sandbox_child.py: math, re, collections, itertools, hashlib, ...).
 """
 
 from __future__ import annotations
