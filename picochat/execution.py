@@ -122,8 +122,11 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
         error = f"UnicodeEncodeError: the code is not valid UTF-8 text ({e.reason} at position {e.start})"
         return ExecutionResult(False, "", "", error)
     prefix = _namespace_prefix()
-    host_folder = tempfile.TemporaryDirectory(prefix="picochat-exec-", ignore_cleanup_errors=True)
-    with contextlib.nullcontext(PRIVATE_WORKDIR) if prefix else host_folder as workdir:
+    if prefix:  # the child makes its folder on the private /tmp, which vanishes with the namespace
+        folder = contextlib.nullcontext(PRIVATE_WORKDIR)
+    else:
+        folder = tempfile.TemporaryDirectory(prefix="picochat-exec-", ignore_cleanup_errors=True)
+    with folder as workdir:
         config = {
             "workdir": workdir,
             "code": code,
