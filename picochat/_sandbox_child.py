@@ -1,28 +1,35 @@
 """The process side of picochat.execution: lock this interpreter down, then run the untrusted code.
 
-`picochat.execution.execute_code` starts this file as `python -I -S _sandbox_child.py` in a fresh
-temporary working directory (which holds the code as `main.py`), with an empty environment, its own
-process group and, where `unshare` works, new network/PID/mount namespaces. It sends a one-line JSON
-config on stdin. Steps, in this order, because each needs the one before:
+`picochat.execution.execute_code` starts this file as `python -I -S _sandbox_child.py` with an empty
+environment, its own process group and, where `unshare` works, new network/PID/mount namespaces in
+which /tmp, /var/tmp and /dev/shm are small private tmpfs mounts and / is read-only. It sends a one-line
+JSON config (which holds the code) on stdin. Steps, in this order, because each needs the one before:
 
 1. read the config, then point stdin at /dev/null (the code gets EOF, not our config);
-2. import the stdlib modules typical model-written code needs (after step 4 a root-owned Python
+2. write the code as `main.py` into the working directory (created here on the private /tmp when
+   there are namespaces) and give both to the run's own user id;
+3. import the stdlib modules typical model-written code needs (after step 5 a root-owned Python
    install under /root may be unreadable, so imports must happen while we still can);
-3. lower resource limits (memory, CPU, file size, open files, processes, no core dumps), soft = hard
+4. lower resource limits (memory, CPU, file size, open files, processes, no core dumps), soft = hard
    so the code cannot raise them again;
-4. if started as root, drop to the unprivileged `nobody` user: file permissions then protect the
-   host's files, RLIMIT_NPROC applies (root ignores it), and /proc/<pid>/environ of root processes
-   is unreadable;
-5. Python-level guards: process creation, killing, deleting/renaming files, writing outside the
-   working directory and reading /proc are disabled; ctypes/socket/subprocess/multiprocessing and
+5. if started as root, drop to the run's own unprivileged user id (one per run, chosen by the
+   parent): file permissions then protect the host's files and the other runs' folders, RLIMIT_NPROC
+   counts this run's processes only (root ignores it), and other processes' /proc/<pid>/environ is
+   unreadable;
+6. Python-level guards: process creation, exiting without a verdict (os._exit), killing,
+   deleting/renaming files, writing outside the working directory (open, io.open, io.FileIO, os.open)
+   and reading /proc are disabled, as are the hooks that could run code inside this harness (signal
+   handlers, trace/profile functions, audit hooks); ctypes/socket/subprocess/multiprocessing and
    friends cannot be imported; exit/quit/help/... are removed from builtins;
-6. run `main.py` and write one JSON result record (tagged with the parent's nonce) to the result
-   pipe, so an early `sys.exit(0)` or `os._exit(0)` can never pass for a completed run.
+7. run `main.py` (see `run`): the parent reads the verdict from this process's exit status, which
+   is 0 only when the code ran to its end, and a report on the report pipe only says why it failed.
 
 Only the standard library is used here, and only it is on the path: this file runs by path with
 `-I -S`, so neither site-packages nor the picochat package (nor torch) is importable in the sandbox.
 """
 
+import _io
+import _signal
 import builtins
 import io
 import json
@@ -31,6 +38,7 @@ import posix
 import resource
 import signal
 import sys
+import threading
 import traceback
 
 # Modules the untrusted code may want, imported before privileges are dropped (step 2).
@@ -50,23 +58,32 @@ BLOCKED_MODULES = frozenset({
     "subprocess", "telnetlib", "urllib.request", "webbrowser", "xmlrpc",
 })  # fmt: skip
 
-# os/posix functions that start or signal processes, escape the process group, change identity or
-# destroy/alter existing files. (Creating files and folders is allowed inside the working directory.)
+# os/posix functions that start or signal processes, end this one without a verdict (_exit), escape
+# the process group, change identity, make special files or memory-backed files, or destroy/alter
+# existing files. (Creating files and folders is allowed inside the working directory.)
 DISABLED_OS_FUNCTIONS = (
-    "chmod", "chown", "chroot", "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp",
-    "execvpe", "fchmod", "fchown", "fork", "forkpty", "kill", "killpg", "lchmod", "lchown", "link",
-    "pidfd_open", "popen", "posix_spawn", "posix_spawnp", "remove", "removedirs", "removexattr",
-    "rename", "renames", "replace", "rmdir", "setegid", "seteuid", "setgid", "setpgid", "setpgrp",
-    "setregid", "setresgid", "setresuid", "setreuid", "setsid", "setuid", "setxattr", "spawnl",
-    "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "symlink", "system",
-    "truncate", "unlink", "utime",
+    "_exit", "chmod", "chown", "chroot", "execl", "execle", "execlp", "execlpe", "execv", "execve",
+    "execvp", "execvpe", "fchmod", "fchown", "fork", "forkpty", "kill", "killpg", "lchmod", "lchown",
+    "link", "memfd_create", "mkfifo", "mknod", "pidfd_open", "popen", "posix_spawn", "posix_spawnp",
+    "remove", "removedirs", "removexattr", "rename", "renames", "replace", "rmdir", "setegid",
+    "seteuid", "setgid", "setpgid", "setpgrp", "setregid", "setresgid", "setresuid", "setreuid",
+    "setsid", "setuid", "setxattr", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve",
+    "spawnvp", "spawnvpe", "symlink", "system", "truncate", "unlink", "utime",
 )  # fmt: skip
 DISABLED_SHUTIL_FUNCTIONS = ("chown", "move", "rmtree")
 REMOVED_BUILTINS = ("breakpoint", "copyright", "credits", "exit", "help", "license", "quit")
+# Ways to run code inside this harness after the code under test has failed, and so to change the
+# verdict: a signal handler or trace function raising SystemExit(0) in `run`'s failure path, an audit
+# hook raising in it. (threading's versions end up in sys.settrace/setprofile, guarded below.)
+DISABLED_HOOKS = (
+    (signal, "signal"), (_signal, "signal"), (sys, "settrace"), (sys, "setprofile"), (sys, "addaudithook"),
+    (threading, "settrace"), (threading, "setprofile"),
+)  # fmt: skip
+MIN_RECURSION_LIMIT = 100  # a lower one could make the failure path's own calls raise RecursionError
 
 MAX_FILE_BYTES = 16 * 2**20  # RLIMIT_FSIZE: the largest file the code may write
 MAX_OPEN_FILES = 64
-MAX_PROCESSES = 64  # RLIMIT_NPROC, counted per user (so it only bites after dropping root)
+MAX_PROCESSES = 64  # RLIMIT_NPROC, counted per user id: a run's own one after dropping root
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
@@ -76,6 +93,18 @@ def read_config() -> dict:
     os.dup2(devnull, 0)
     os.close(devnull)
     return config
+
+
+def prepare_workdir(workdir: str, code: str, owner: list | None) -> str:
+    """Create the working directory with the code as main.py, owned by the run's user (if any)."""
+    os.makedirs(workdir, mode=0o700, exist_ok=True)
+    path = os.path.join(workdir, "main.py")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(code)
+    if owner is not None:
+        for target in (workdir, path):
+            os.chown(target, *owner)
+    return os.path.realpath(workdir)
 
 
 def preload_modules() -> None:
@@ -146,6 +175,26 @@ def guarded_open(real_open, workdir: str):
     return open
 
 
+def guarded_file_io(real_file_io, workdir: str):
+    class FileIO(real_file_io):
+        def __init__(self, file, mode="r", closefd=True, opener=None):
+            if opener is not None:
+                raise PermissionError("io.FileIO with an opener is disabled in the sandbox")
+            check_path(file, any(flag in mode for flag in "wax+"), workdir)
+            super().__init__(file, mode, closefd)
+
+    return FileIO
+
+
+def guarded_recursion_limit(real_setrecursionlimit):
+    def setrecursionlimit(limit):
+        if limit < MIN_RECURSION_LIMIT:
+            raise ValueError(f"the sandbox keeps the recursion limit at {MIN_RECURSION_LIMIT} or more")
+        real_setrecursionlimit(limit)
+
+    return setrecursionlimit
+
+
 def guarded_os_open(real_os_open, workdir: str):
     def os_open(path, flags, mode=0o777, *, dir_fd=None):
         if dir_fd is not None:
@@ -188,8 +237,11 @@ def install_guards(workdir: str) -> None:
     for name in DISABLED_SHUTIL_FUNCTIONS:
         setattr(shutil, name, disabled(f"shutil.{name}"))
     safe_open = guarded_open(io.open, workdir)
-    builtins.open = io.open = safe_open
-    sys.modules["_io"].open = safe_open
+    builtins.open = io.open = _io.open = safe_open
+    io.FileIO = _io.FileIO = guarded_file_io(_io.FileIO, workdir)
+    for module, name in DISABLED_HOOKS:
+        setattr(module, name, disabled(f"{module.__name__}.{name}"))
+    sys.setrecursionlimit = guarded_recursion_limit(sys.setrecursionlimit)
     for name in REMOVED_BUILTINS:
         if hasattr(builtins, name):
             delattr(builtins, name)
@@ -199,45 +251,72 @@ def install_guards(workdir: str) -> None:
             del sys.modules[name]
 
 
-def run_code(source: str) -> dict:
-    """Run the code as __main__; return the error ('Type: message' or None) and what stopped it."""
+def describe(exc: BaseException) -> dict:
+    """What the parent reports for a failed run: 'Type: message' and what stopped it."""
+    message = str(exc)
+    return {
+        "error": f"{type(exc).__name__}: {message}" if message else type(exc).__name__,
+        "memory_exceeded": isinstance(exc, MemoryError),
+        "timed_out": isinstance(exc, CpuTimeExceeded),
+    }
+
+
+def report_failure(report_fd: int) -> None:
+    """Print the code's traceback and send why it failed; never raises (the exception is the code's,
+    so its message, its class and anything it touches may be hostile or exhaust memory)."""
+    exc = sys.exc_info()[1]
+    try:
+        outcome = describe(exc)
+    except:  # noqa: E722
+        outcome = {"error": "Exception (its description raised another)", "memory_exceeded": False,
+                   "timed_out": False}  # fmt: skip
+    try:
+        traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
+    except:  # noqa: E722
+        pass
+    for stream in (sys.stdout, sys.stderr):  # abort() does not flush them
+        try:
+            stream.flush()
+        except:  # noqa: E722
+            pass
+    try:
+        os.write(report_fd, (json.dumps(outcome) + "\n").encode())
+    except:  # noqa: E722
+        pass
+
+
+def run(source: str, report_fd: int) -> None:
+    """Run the code as __main__. Returning means it ran to its end; on any failure the process aborts.
+
+    The verdict is this process's exit status (0 only after a normal return), so nothing the code can
+    write decides it. The failure path is built so that the code cannot divert it either: a bare
+    `except:` looks up no name (a rebound builtins.BaseException could not dodge it), `abort` is a
+    local bound before the code runs (a fast local that Python code cannot rebind), and abort() ends
+    the process at once, skipping sys.excepthook, atexit and interpreter shutdown, all of which the
+    code can replace. The hooks that could run code in between are disabled by install_guards.
+    """
+    abort = posix.abort  # as PID 1 of a PID namespace abort() ends in SIGSEGV: also a non-zero status
     try:
         # The file name is relative to the working directory, so tracebacks can show source lines.
         exec(compile(source, "main.py", "exec"), {"__name__": "__main__"})
-        return {"error": None, "memory_exceeded": False, "timed_out": False}
-    except BaseException as exc:  # SystemExit counts as a failure too: the code did not run to its end
-        outcome = {
-            "error": f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
-            "memory_exceeded": isinstance(exc, MemoryError),
-            "timed_out": isinstance(exc, CpuTimeExceeded),
-        }
+    except:  # noqa: E722  (SystemExit counts as a failure too: the code did not run to its end)
         try:
-            traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
-        except MemoryError:  # the code's data (kept alive by the traceback) may still fill memory
-            pass
-        return outcome
+            report_failure(report_fd)
+        finally:
+            abort()
 
 
 def main() -> None:
     config = read_config()
+    workdir = prepare_workdir(config["workdir"], config["code"], config["drop_to"])
     preload_modules()
     limit_resources(config["max_memory_bytes"], config["cpu_seconds"])
     if config["drop_to"] is not None:
         drop_privileges(*config["drop_to"])
-    workdir = os.path.realpath(config["workdir"])
     os.chdir(workdir)
-    with open("main.py", encoding="utf-8") as f:
-        source = f.read()
     install_guards(workdir)
-    outcome = run_code(source)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    record = {"nonce": config["nonce"], **outcome}
-    os.write(config["result_fd"], (json.dumps(record) + "\n").encode())
-    os._exit(0)
+    run(config["code"], config["report_fd"])
+    # Falling off the end: the interpreter flushes stdout/stderr and exits with status 0.
 
 
 if __name__ == "__main__":

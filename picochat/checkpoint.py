@@ -15,6 +15,7 @@ full disk) are caught by the sizes and hashes and refused with a message saying 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +33,15 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from picochat.common import PicochatError, atomic_write_json, autodetect_device_type, get_base_dir
+from picochat import checkpoint_checks as checks
+from picochat.common import (
+    PicochatError,
+    atomic_write_json,
+    autodetect_device_type,
+    get_base_dir,
+    write_failed,
+)
+from picochat.state_tree import flatten_state, unflatten_state
 
 STAGES = ("base", "mid", "sft", "rl")
 MODEL_FILE = "model.safetensors"
@@ -39,6 +49,7 @@ META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _TMP_PREFIX = ".tmp_step_"
 _OPTIM_FORMAT = "picochat-optim-v1"
+_DIVERGED = "The run diverged (its loss turned NaN) before this save; lower the learning rate if it recurs."
 
 
 class Checkpoint(NamedTuple):
@@ -116,63 +127,6 @@ def find_model_tag(stage: str) -> str:
             f"no d<N> model tag under {root} (found {', '.join(sorted(tags))}); pass --model-tag explicitly"
         )
     return max(depth_tags, key=lambda t: int(t[1:]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimiser state <-> (flat tensors, JSON structure)
-
-
-def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
-    """Split a nested state (dicts, lists, tuples, tensors, scalars) into named tensors + a JSON tree.
-
-    Tensors become {"__tensor__": name} in the tree, with names made from their path ("0/state/3/exp_avg").
-    Dicts whose keys are not all strings (torch optimiser states are keyed by parameter index) become
-    {"__items__": [[key, value], ...]} and tuples {"__tuple__": [...]}, so unflattening is exact.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-
-    def encode(x: Any, path: str) -> Any:
-        if isinstance(x, torch.Tensor):
-            if path in tensors:
-                raise ValueError(f"two tensors in the optimiser state map to the same name {path!r}")
-            tensors[path] = x
-            return {"__tensor__": path}
-        if isinstance(x, dict):
-            if all(isinstance(k, str) for k in x):
-                return {k: encode(v, f"{path}/{k}") for k, v in x.items()}
-            return {"__items__": [[_plain_key(k, path), encode(v, f"{path}/{k}")] for k, v in x.items()]}
-        if isinstance(x, tuple):
-            return {"__tuple__": [encode(v, f"{path}/{i}") for i, v in enumerate(x)]}
-        if isinstance(x, list):
-            return [encode(v, f"{path}/{i}") for i, v in enumerate(x)]
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        raise TypeError(
-            f"cannot store {type(x).__name__} at {path!r} in a checkpoint (tensors and JSON only)"
-        )
-
-    return tensors, encode(obj, "")
-
-
-def _plain_key(key: Any, path: str) -> Any:
-    if key is None or isinstance(key, (bool, int, float, str)):
-        return key
-    raise TypeError(f"cannot store a dict key of type {type(key).__name__} at {path!r} in a checkpoint")
-
-
-def unflatten_state(tensors: dict[str, torch.Tensor], tree: Any) -> Any:
-    """Inverse of `flatten_state`."""
-    if isinstance(tree, list):
-        return [unflatten_state(tensors, v) for v in tree]
-    if isinstance(tree, dict):
-        if "__tensor__" in tree:
-            return tensors[tree["__tensor__"]]
-        if "__items__" in tree:
-            return {k: unflatten_state(tensors, v) for k, v in tree["__items__"]}
-        if "__tuple__" in tree:
-            return tuple(unflatten_state(tensors, v) for v in tree["__tuple__"])
-        return {k: unflatten_state(tensors, v) for k, v in tree.items()}
-    return tree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,47 +238,62 @@ def save_checkpoint(
     rank, world_size = _dist_world()
     root = Path(checkpoint_dir)
     tmp = root / f"{_TMP_PREFIX}{step:06d}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{_TMP_PREFIX}*"):  # left behind by a run killed while saving
-            shutil.rmtree(stale)
-        tmp.mkdir()
-    _barrier(world_size)
+    with _naming_save_errors(tmp, step_dir(root, step)):
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(f"{_TMP_PREFIX}*"):  # left behind by a run killed while saving
+                shutil.rmtree(stale)
+            tmp.mkdir()
+        _barrier(world_size)
 
-    files: dict[str, dict] = {}
-    if rank == 0:
-        if model_state is None:
-            raise ValueError("rank 0 must pass the model state to save_checkpoint")
-        files[MODEL_FILE] = _write_safetensors(tmp / MODEL_FILE, model_state, {"format": "pt"})
-    if optim_state is not None and (shard_optim or rank == 0):
-        name = optim_file(rank if shard_optim else None)
-        tensors, tree = flatten_state(optim_state)
-        header = {"format": _OPTIM_FORMAT, "structure": json.dumps(tree)}
-        files[name] = _write_safetensors(tmp / name, tensors, header)
+        files: dict[str, dict] = {}
+        if rank == 0:
+            if model_state is None:
+                raise ValueError("rank 0 must pass the model state to save_checkpoint")
+            files[MODEL_FILE] = _write_safetensors(tmp / MODEL_FILE, model_state, {"format": "pt"})
+        if optim_state is not None and (shard_optim or rank == 0):
+            name = optim_file(rank if shard_optim else None)
+            tensors, tree = flatten_state(optim_state)
+            header = {"format": _OPTIM_FORMAT, "structure": json.dumps(tree)}
+            files[name] = _write_safetensors(tmp / name, tensors, header)
 
-    gathered: list[Any] = [(rank_state, files)]
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, (rank_state, files))
-    if rank == 0:
-        all_files = {name: rec for _, rank_files in gathered for name, rec in rank_files.items()}
-        full_meta = {
-            **meta,
-            "step": step,
-            "world_size": world_size,
-            "optim_sharded": bool(shard_optim and optim_state is not None),
-            "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "ranks": [state for state, _ in gathered],
-            "files": all_files,
-        }
-        atomic_write_json(tmp / META_FILE, full_meta)
-        _fsync_dir(tmp)
-        _publish(tmp, step_dir(root, step))
-        if keep_last:
-            for old in list_steps(root)[:-keep_last]:
-                shutil.rmtree(step_dir(root, old))
+        gathered: list[Any] = [(rank_state, files)]
+        if world_size > 1:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, (rank_state, files))
+        if rank == 0:
+            all_files = {name: rec for _, rank_files in gathered for name, rec in rank_files.items()}
+            full_meta = {
+                **meta,
+                "step": step,
+                "world_size": world_size,
+                "optim_sharded": bool(shard_optim and optim_state is not None),
+                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "ranks": [state for state, _ in gathered],
+                "files": all_files,
+            }
+            atomic_write_json(tmp / META_FILE, full_meta)
+            _fsync_dir(tmp)
+            _publish(tmp, step_dir(root, step))
+            if keep_last:
+                for old in list_steps(root)[:-keep_last]:
+                    shutil.rmtree(step_dir(root, old))
     _barrier(world_size)
     return step_dir(root, step)
+
+
+@contextlib.contextmanager
+def _naming_save_errors(tmp: Path, final: Path) -> Iterator[None]:
+    """A save the environment refuses (read-only folder, full disk) is one line naming the checkpoint;
+    the partial save is removed, and the published checkpoints were never touched."""
+    try:
+        yield
+    except (OSError, SafetensorError, PicochatError) as e:
+        cause = e.__cause__ if isinstance(e, PicochatError) else e  # from common.naming_write_errors
+        if not isinstance(cause, (OSError, SafetensorError)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(final, cause) from e
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -360,14 +329,25 @@ def _resolve_step(checkpoint_dir: Path, step: int | None) -> Path:
     return step_dir(checkpoint_dir, step)
 
 
-def _damaged(path: Path, problem: str) -> PicochatError:
+_CUT_SHORT = "It was probably cut short by a full disk or a partial copy, or edited by hand."
+
+
+def _damaged(path: Path, problem: str, cause: str = _CUT_SHORT) -> PicochatError:
     folder = path.parent
     earlier = [s for s in list_steps(folder.parent) if step_dir(folder.parent, s) != folder]
     fallback = f"the previous checkpoint (step {earlier[-1]})" if earlier else "a fresh run"
     return PicochatError(
-        f"checkpoint file {path} {problem}. It was probably cut short by a full disk or a partial copy. "
+        f"checkpoint file {path} {problem}. {cause} "
         f"Fix: copy the checkpoint again from its source, or delete {folder} to fall back to {fallback}."
     )
+
+
+def _checked(path: Path, check: Any, *args: Any, cause: str = _CUT_SHORT) -> Any:
+    """Run one of picochat.checkpoint_checks on what `path` holds; its ValueError names the file."""
+    try:
+        return check(*args)
+    except ValueError as e:
+        raise _damaged(path, str(e), cause) from e
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
@@ -376,8 +356,7 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _damaged(path, f"cannot be read as JSON ({e})") from e
-    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
-        raise _damaged(path, "has no file list (not a picochat checkpoint?)")
+    _checked(path, checks.check_meta_structure, meta)
     return meta
 
 
@@ -412,13 +391,16 @@ def load_checkpoint(
     """Load (and verify) the checkpoint of `step`, or the latest complete one when step is None.
 
     Refuses, with a PicochatError naming the file and the fix, a checkpoint whose files are missing,
-    truncated, corrupt or unparsable. When distributed, each rank gets its own optimiser shard and
+    truncated, corrupt or unparsable, whose meta.json lacks a field or has a wrong type, or whose
+    weights are not finite. When distributed, each rank gets its own optimiser shard and
     its own entry of meta["ranks"] as meta["rank_state"].
     """
     rank, world_size = _dist_world()
     folder = _resolve_step(Path(checkpoint_dir), step)
     meta = _read_meta(folder)
-    model_state = load_file(str(_verify(folder, MODEL_FILE, meta)), device=str(device))
+    model_path = _verify(folder, MODEL_FILE, meta)
+    model_state = load_file(str(model_path), device=str(device))
+    _checked(model_path, checks.check_finite, model_state, cause=_DIVERGED)
 
     optim_state = None
     sharded = meta.get("optim_sharded", False)
@@ -456,7 +438,7 @@ def load_model(
 
     model_tag defaults to the deepest `d<N>`; step to the latest. phase "eval" or "train" sets the mode.
     """
-    from picochat.gpt import GPT, GPTConfig
+    from picochat.gpt import GPT
     from picochat.tokenizer import get_tokenizer
 
     if phase not in ("eval", "train"):
@@ -464,10 +446,10 @@ def load_model(
     model_tag = model_tag or find_model_tag(stage)
     device = torch.device(device if device is not None else autodetect_device_type())
     ckpt = load_checkpoint(checkpoint_dir_for(stage, model_tag), step, device, load_optim=False)
-    if "model_config" not in ckpt.meta:
-        raise PicochatError(f"{ckpt.meta['path']}/{META_FILE} has no model_config; it cannot be rebuilt")
-    config = GPTConfig(**ckpt.meta["model_config"])
+    folder = Path(ckpt.meta["path"])
+    config = _checked(folder / META_FILE, checks.model_config, ckpt.meta.get("model_config"))
     state = ckpt.model_state
+    _checked(folder / MODEL_FILE, checks.check_weights_match, config, state)
     if device.type != "cuda":  # bf16 weights saved on a GPU are slow or unsupported elsewhere
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     with torch.device(device):

@@ -7,6 +7,7 @@ on a 2-core laptop and on a multi-node GPU cluster launched with torchrun.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -29,34 +30,57 @@ class PicochatError(RuntimeError):
 def get_base_dir() -> Path:
     """Root folder for every artifact a run writes (PICOCHAT_HOME, default ~/.cache/picochat)."""
     base = Path(os.environ.get("PICOCHAT_HOME", Path.home() / ".cache" / "picochat")).expanduser()
-    base.mkdir(parents=True, exist_ok=True)
+    with naming_write_errors(base):
+        base.mkdir(parents=True, exist_ok=True)
     return base
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes: a reader (or a crash) never sees a half-written file under its final name.
+# Atomic writes: a reader (or a crash) never sees a half-written file under its final name. A write
+# the environment refuses (read-only folder, full disk) is one PicochatError line naming the path.
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_failed(path: str | Path, error: Exception) -> PicochatError:
+    """The one-line error for a failed write of `path` (`error`: an OSError, or a library's error text)."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    if getattr(error, "errno", None) in _DISK_FULL or "os error 28" in reason:  # 28: ENOSPC from Rust
+        fix = "free some space there, or point PICOCHAT_HOME at a disk with room"
+    else:
+        fix = "make it writable, or point PICOCHAT_HOME at a writable folder"
+    return PicochatError(f"cannot write {path}: {reason}; {fix}")
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: str | Path) -> Iterator[None]:
+    """Turn an OSError raised while writing `path` into `write_failed`'s one line."""
+    try:
+        yield
+    except OSError as e:
+        raise write_failed(path, e) from e
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` via a temp file in the same folder, fsync, then rename over it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with naming_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the old file, if any, is still intact under `path`
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -70,11 +94,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON line; a single small write+fsync, so a crash loses at most this line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    with naming_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from picochat.common import PicochatError
-from picochat.dataset import iter_document_batches
+from picochat.dataset import check_shards, iter_document_batches
 
 PREFETCH_UNITS = 2  # row groups tokenized ahead of the training loop
 SHUFFLE_SEED = 1234
@@ -65,6 +65,8 @@ class TokenBatchLoader:
                 f"{world_size}; "
                 "resume with the same number of processes (torchrun --nproc_per_node) as the original run"
             )
+        if split == "train":  # once per run (not per evaluation): a damaged shard stops it before training
+            check_shards(source)
         self._cursor = (state["epoch"], state["unit"])
         self._row = state["row"]
         self._rows: torch.Tensor | None = None  # the current unit's shuffled rows

@@ -12,6 +12,8 @@ reads every unit and keeps every world_size-th document of the split (the bundle
 one unit).
 
 A reader can start at any (epoch, unit) cursor, which is what makes data-loader resume exact.
+A shard that is not parquet, cut short or damaged is reported by name (PicochatError), never as a raw
+pyarrow error; `check_shards` finds such a shard before training starts rather than hours into it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from picochat.common import DATA_DIR, PicochatError, get_base_dir
@@ -63,10 +66,39 @@ def split_files(split: str, source: str | None) -> list[Path]:
     return files[:-1] if split == "train" else files[-1:]
 
 
+def _unreadable(path: Path, error: Exception) -> PicochatError:
+    return PicochatError(
+        f"{path} is not a readable parquet file ({type(error).__name__}: {error}); it is probably cut "
+        "short or damaged: delete it and fetch it again (`picochat download` for hub shards)"
+    )
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    """Open a shard, reading its footer (schema, row groups); a damaged file is named in the error."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable(path, e) from e
+    if "text" not in parquet.schema_arrow.names:
+        names = ", ".join(parquet.schema_arrow.names)
+        raise PicochatError(f"{path} has no `text` column (it has: {names}); pretraining reads `text`")
+    return parquet
+
+
 @lru_cache(maxsize=4096)
 def _row_group_sizes(path: Path) -> tuple[int, ...]:
-    metadata = pq.ParquetFile(path).metadata
+    metadata = _open(path).metadata
     return tuple(metadata.row_group(g).num_rows for g in range(metadata.num_row_groups))
+
+
+def check_shards(source: str | None) -> None:
+    """Fail fast, naming the file, on a damaged shard: every footer is read and the validation shard
+    is read whole, so a bad file is found before training rather than at the first evaluation."""
+    for path in split_files("train", source):
+        _row_group_sizes(path)
+    for path in split_files("val", source):
+        for group in range(len(_row_group_sizes(path))):
+            read_unit((path, group))
 
 
 def rank_units(split: str, source: str | None, rank: int = 0, world_size: int = 1) -> tuple[list[Unit], int]:
@@ -80,11 +112,11 @@ def rank_units(split: str, source: str | None, rank: int = 0, world_size: int = 
 def read_unit(unit: Unit) -> list[str]:
     """The `text` column of one row group."""
     path, group = unit
-    parquet = pq.ParquetFile(path)
-    if "text" not in parquet.schema_arrow.names:
-        names = ", ".join(parquet.schema_arrow.names)
-        raise PicochatError(f"{path} has no `text` column (it has: {names}); pretraining reads `text`")
-    return parquet.read_row_group(group, columns=["text"]).column("text").to_pylist()
+    parquet = _open(path)
+    try:
+        return parquet.read_row_group(group, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError) as e:  # a damaged data page behind an intact footer
+        raise _unreadable(path, e) from e
 
 
 def iter_document_batches(
@@ -128,4 +160,4 @@ def iter_documents(
 
 
 def count_documents(split: str, source: str | None = None) -> int:
-    return sum(pq.ParquetFile(path).metadata.num_rows for path in split_files(split, source))
+    return sum(_open(path).metadata.num_rows for path in split_files(split, source))

@@ -16,39 +16,60 @@ be wrapped in `unshare`. Everything is set up in C by subprocess (no preexec_fn)
 call from a threaded server.
 
 What each run gets:
-- a new temporary working directory (deleted afterwards) and an almost empty environment (no secrets
-  or API keys from the caller; only PATH, LANG, HOME and TMPDIR pointing at the working directory);
+- a working directory of its own and an almost empty environment (no secrets or API keys from the
+  caller; only PATH, LANG, HOME and TMPDIR pointing at the working directory);
 - its own session/process group, killed as a whole (SIGKILL) when the run ends or times out;
 - where `unshare` works (root, or unprivileged user namespaces): new network namespace (no network
-  at all: just a loopback interface that is down), PID namespace (killing it kills every descendant)
-  and a private /proc;
+  at all: just a loopback interface that is down), PID namespace (killing it kills every descendant),
+  a private /proc, and a mount namespace in which / is read-only and /tmp, /var/tmp and /dev/shm are
+  private tmpfs mounts of PRIVATE_TMP_SIZES (so at most that much RAM outside the memory limit); the
+  working directory lives on that /tmp, so nothing the code writes outlives the run or is visible to
+  another run (without `unshare`: a fresh host temp folder, deleted afterwards);
 - resource limits: address space and data (`max_memory_bytes`), CPU seconds, 16 MB per written file,
   64 open files, 64 processes, no core dumps;
-- when the caller is root: the code runs as `nobody`, so the kernel protects files it does not own,
-  RLIMIT_NPROC takes effect (root ignores it) and other processes' /proc/<pid>/environ is unreadable;
-- Python-level guards (see picochat/_sandbox_child.py): no fork/exec/spawn/system/kill/setsid, no
-  deleting, renaming, chmod-ing or linking files, no writing outside the working directory, no /proc
-  reads, no importing ctypes/socket/subprocess/multiprocessing/ssl/sqlite3/..., no exit/quit/help;
+- when the caller is root: the code runs as a user id of its own (RUN_IDS, fresh for every run), so
+  the kernel protects files it does not own and other runs' folders, RLIMIT_NPROC counts this run's
+  processes only (a fork bomb cannot starve a concurrent run) and /proc/<pid>/environ of other
+  processes is unreadable;
+- Python-level guards (see picochat/_sandbox_child.py): no fork/exec/spawn/system/kill/setsid/_exit,
+  no deleting, renaming, chmod-ing or linking files, no fifos/device nodes/memfds, no writing outside
+  the working directory (open, io.FileIO, os.open, mkdir), no /proc reads, no signal handlers, trace,
+  profile or audit hooks, no importing ctypes/socket/subprocess/multiprocessing/ssl/sqlite3/..., no
+  exit/quit/help;
 - a wall-clock limit (`timeout`, which includes interpreter start-up of roughly 30-50 ms) and
   stdout/stderr capped at MAX_OUTPUT_BYTES each (the run is killed when it writes more).
 
-What is NOT protected: Python-level guards can be undone by code that digs out the original functions
-(closures, gc, re-importing `posix`, `type(f.raw)` for io.FileIO); without root the code still runs as the
-caller's user, so only those guards stand between it and the caller's files; without `unshare` there
-is no network isolation beyond the blocked imports; reads of world-readable files are allowed; CPU and
-disk bandwidth are not throttled. When the caller is root and Python lives in a folder `nobody` cannot
-read (e.g. /root/.pyenv), only the stdlib modules the child preloads are importable
-(PRELOADED_MODULES in picochat/_sandbox_child.py: math, re, collections, itertools, hashlib, ...).
+The verdict (`success`) is the child's exit status, read by this process from the kernel: 0 only when
+the code ran to its end; every failure aborts the child (see `run` in picochat/_sandbox_child.py for
+how that path is kept out of the code's reach). There is no secret or result record the code could
+find (through frames, gc or inherited descriptors) and forge; the child's report pipe only explains a
+failure (error text, memory/CPU flags) and can never turn one into a success.
+
+What remains possible, because the tests run in the same process as the code under test:
+- code that undoes the Python-level guards (a fresh `posix` module through `_imp`, say) can end its
+  process with status 0 before its tests run (posix._exit(0)), which nothing outside the process can
+  tell from a finished run; on Python 3.13+ (PEP 667) it could also rewrite the harness's local
+  variables through frame.f_locals;
+- code can make assert-based tests pass without solving the task: return objects that compare equal
+  to anything, or rebind builtins the tests call (abs, len, isinstance, math functions);
+- Python-level guards can be undone in general (closures, gc, re-importing modules, `type(f.raw)` for
+  the real io.FileIO); without root the code runs as the caller's user, so only those guards stand
+  between it and the caller's files, and RLIMIT_NPROC counts all of the caller's processes; without
+  `unshare` there is no network isolation beyond the blocked imports and no private /tmp; mounts other
+  than / keep their flags; reads of world-readable files are allowed; CPU and disk bandwidth are not
+  throttled. When the caller is root and Python lives in a folder the run's user cannot read (e.g.
+  /root/.pyenv), only the stdlib modules the child preloads are importable (PRELOADED_MODULES in
+  picochat/_sandbox_child.py: math, re, collections, itertools, hashlib, ...).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import json
 import operator
 import os
-import pwd
 import re
 import secrets
 import selectors
@@ -65,6 +86,22 @@ MAX_OUTPUT_BYTES = 64 * 1024  # per stream (stdout, stderr)
 CHILD_SCRIPT = Path(__file__).with_name("_sandbox_child.py")
 NAMESPACE_FLAGS = ("--net", "--pid", "--mount-proc", "--fork", "--kill-child")
 EXIT_GRACE_SECONDS = 1.0  # how long a child that closed its pipes gets to finish exiting
+# In the run's own mount namespace, before Python starts: / becomes read-only, and /tmp, /var/tmp and
+# /dev/shm become private tmpfs mounts (this much RAM at most) that vanish with the namespace.
+PRIVATE_TMP_SIZES = {"/tmp": "32m", "/var/tmp": "8m", "/dev/shm": "8m"}
+PRIVATE_WORKDIR = "/tmp/run"  # on the private /tmp; without namespaces a fresh host temp folder
+TMPFS_OPTIONS = "mode=1777,nosuid,nodev,noexec"
+MOUNT_SCRIPT = "".join(
+    [
+        "set -e; mount -o remount,bind,ro /; ",
+        *(f"if [ -d {p} ]; then mount -t tmpfs -o size={n},{TMPFS_OPTIONS} tmpfs {p}; fi; "
+          for p, n in PRIVATE_TMP_SIZES.items()),
+        'exec "$@"',
+    ]
+)  # fmt: skip
+# When root, each run gets its own unprivileged user id from this range (no passwd entry): the
+# kernel then keeps runs out of each other's folders and counts RLIMIT_NPROC per run.
+RUN_IDS = range(3_000_000_000, 4_000_000_000)
 
 
 @dataclass
@@ -79,30 +116,36 @@ class ExecutionResult:
 
 def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 2**20) -> ExecutionResult:
     """Run `code` as a program in a sandboxed process (see the module docstring) and report the outcome."""
-    nonce = secrets.token_hex(16)
-    with tempfile.TemporaryDirectory(prefix="picochat-exec-", ignore_cleanup_errors=True) as workdir:
-        Path(workdir, "main.py").write_text(code, encoding="utf-8")
-        drop_to = _unprivileged_ids()
-        if drop_to is not None:
-            os.chown(workdir, *drop_to)
+    try:
+        code.encode("utf-8")
+    except UnicodeEncodeError as e:  # e.g. a lone surrogate: no interpreter could even read it
+        error = f"UnicodeEncodeError: the code is not valid UTF-8 text ({e.reason} at position {e.start})"
+        return ExecutionResult(False, "", "", error)
+    prefix = _namespace_prefix()
+    if prefix:  # the child makes its folder on the private /tmp, which vanishes with the namespace
+        folder = contextlib.nullcontext(PRIVATE_WORKDIR)
+    else:
+        folder = tempfile.TemporaryDirectory(prefix="picochat-exec-", ignore_cleanup_errors=True)
+    with folder as workdir:
         config = {
             "workdir": workdir,
-            "nonce": nonce,
+            "code": code,
             "max_memory_bytes": max_memory_bytes,
             "cpu_seconds": max(1, int(timeout + 1)),
-            "drop_to": drop_to,
+            "drop_to": _unprivileged_ids(),
         }
-        (stdout, stderr, record_data), stop_reason, returncode = _run_child(config, timeout)
-    record = _parse_record(record_data, nonce)
-    return _make_result(stdout, stderr, record, stop_reason, timeout, returncode)
+        (stdout, stderr, report_data), stop_reason, returncode = _run_child(config, timeout, prefix)
+    return _make_result(stdout, stderr, _parse_report(report_data), stop_reason, timeout, returncode)
 
 
-def _run_child(config: dict, timeout: float) -> tuple[tuple[bytes, bytes, bytes], str | None, int]:
+def _run_child(
+    config: dict, timeout: float, prefix: tuple[str, ...]
+) -> tuple[tuple[bytes, bytes, bytes], str | None, int]:
     """Start the child and gather its output; afterwards its whole process group is always killed."""
-    read_fd, write_fd = os.pipe()  # the result pipe: the child writes its final record here
+    read_fd, write_fd = os.pipe()  # the report pipe: why the code failed (the verdict is the exit status)
     with open(read_fd, "rb", buffering=0):
         with open(write_fd, "wb", buffering=0):  # closed here once started, so only the child holds it
-            proc = _start_child({**config, "result_fd": write_fd})
+            proc = _start_child({**config, "report_fd": write_fd}, prefix)
         stop_reason = "error"
         try:
             outputs, stop_reason = _collect_output(proc, read_fd, time.monotonic() + timeout)
@@ -111,18 +154,18 @@ def _run_child(config: dict, timeout: float) -> tuple[tuple[bytes, bytes, bytes]
     return outputs, stop_reason, proc.returncode
 
 
-def _start_child(config: dict) -> subprocess.Popen:
+def _start_child(config: dict, prefix: tuple[str, ...]) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [*_namespace_prefix(), sys.executable, "-I", "-S", str(CHILD_SCRIPT)],
+        [*prefix, sys.executable, "-I", "-S", str(CHILD_SCRIPT)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        pass_fds=(config["result_fd"],),
-        cwd=config["workdir"],
+        pass_fds=(config["report_fd"],),
+        cwd="/",
         env=_child_env(config["workdir"]),
         start_new_session=True,  # its own process group, so the whole group can be killed
     )
-    try:  # one short line: fits in the pipe buffer, so this never blocks
+    try:  # one line, read by the child first thing (a long program may fill the pipe buffer meanwhile)
         proc.stdin.write((json.dumps(config) + "\n").encode())
         proc.stdin.close()
     except BrokenPipeError:  # the child died at start-up; its stderr says why
@@ -135,14 +178,11 @@ def _child_env(workdir: str) -> dict[str, str]:
 
 
 def _unprivileged_ids() -> tuple[int, int] | None:
-    """(uid, gid) of `nobody` when we are root (the child drops to it), else None."""
+    """A fresh (uid, gid) from RUN_IDS for one run when we are root (the child drops to it), else None."""
     if os.geteuid() != 0:
         return None
-    try:
-        entry = pwd.getpwnam("nobody")
-        return entry.pw_uid, entry.pw_gid
-    except KeyError:
-        return 65534, 65534
+    run_id = RUN_IDS[secrets.randbelow(len(RUN_IDS))]
+    return run_id, run_id
 
 
 @functools.cache
@@ -152,7 +192,7 @@ def _namespace_prefix() -> tuple[str, ...]:
     if unshare is None:
         return ()
     user_ns = () if os.geteuid() == 0 else ("--map-root-user",)
-    prefix = (unshare, *user_ns, *NAMESPACE_FLAGS)
+    prefix = (unshare, *user_ns, *NAMESPACE_FLAGS, "/bin/sh", "-c", MOUNT_SCRIPT, "sandbox")
     try:
         probe = subprocess.run(
             [*prefix, sys.executable, "-I", "-S", "-c", "pass"], capture_output=True, timeout=10
@@ -206,42 +246,47 @@ def _end_process_group(proc: subprocess.Popen, wait_first: bool) -> None:
     proc.stderr.close()
 
 
-def _parse_record(data: bytes, nonce: str) -> dict | None:
-    """The child's final result record; lines without the right nonce (forgeries) are ignored."""
+def _parse_report(data: bytes) -> dict | None:
+    """The last well-formed report line. The code can write to the pipe too, but a report only
+    describes a failure: it never makes a run succeed (see _make_result)."""
+    report = None
     for line in data.decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and record.get("nonce") == nonce:
-            return record
-    return None
+        if isinstance(record, dict) and isinstance(record.get("error"), str):
+            report = record
+    return report
 
 
 def _make_result(
     stdout: bytes,
     stderr: bytes,
-    record: dict | None,
+    report: dict | None,
     stop_reason: str | None,
     timeout: float,
     returncode: int,
 ) -> ExecutionResult:
-    timed_out = stop_reason == "timeout" or bool(record and record["timed_out"])
-    if stop_reason == "timeout":
+    success = stop_reason is None and returncode == 0  # the verdict: only the exit status decides it
+    if success:
+        error = None
+    elif stop_reason == "timeout":
         error = f"TimeoutError: the code ran for more than {timeout:g} s"
     elif stop_reason == "overflow":
         error = f"OutputLimitExceeded: the code wrote more than {MAX_OUTPUT_BYTES} bytes to stdout or stderr"
-    elif record is not None:
-        error = record["error"]
+    elif report is not None:
+        error = report["error"]
     else:
         error = f"SandboxError: the process ended without reporting a result ({_describe_exit(returncode)})"
+    failed_by = report if report is not None and not success else {}
     return ExecutionResult(
-        success=stop_reason is None and record is not None and error is None,
+        success=success,
         stdout=stdout.decode("utf-8", errors="replace"),
         stderr=stderr.decode("utf-8", errors="replace"),
         error=error,
-        timed_out=timed_out,
-        memory_exceeded=bool(record and record["memory_exceeded"]),
+        timed_out=stop_reason == "timeout" or failed_by.get("timed_out") is True,
+        memory_exceeded=failed_by.get("memory_exceeded") is True,
     )
 
 

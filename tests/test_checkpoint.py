@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -14,15 +15,14 @@ import torch.multiprocessing as mp
 
 from picochat.checkpoint import (
     capture_rng_state,
-    flatten_state,
     list_steps,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
     step_dir,
-    unflatten_state,
 )
 from picochat.common import PicochatError
+from picochat.state_tree import flatten_state, unflatten_state
 
 
 def _trained_pair(seed: int = 0) -> tuple[torch.nn.Module, list[torch.optim.Optimizer]]:
@@ -205,3 +205,89 @@ def test_load_model_rebuilds_the_deepest_tag(tmp_path, monkeypatch):
     assert load_model("base", "d2", phase="train")[0].training
     with pytest.raises(PicochatError, match="no sft checkpoints"):
         load_model("sft")
+
+
+def _tiny_gpt_home(tmp_path, monkeypatch):
+    """A PICOCHAT_HOME with a tokenizer and a tiny GPT saved as base/d1 step 3; returns the step folder."""
+    from picochat.checkpoint import checkpoint_dir_for
+    from picochat.gpt import GPT, GPTConfig
+    from picochat.tokenizer import Tokenizer, tokenizer_dir
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    Tokenizer.train_from_iterator(["hello world, the quick brown fox"] * 20, 300).save(tokenizer_dir())
+    config = GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    model = GPT(config)
+    model.init_weights()
+    meta = {"model_config": {k: getattr(config, k) for k in config.__dataclass_fields__}}
+    return save_checkpoint(checkpoint_dir_for("base", "d1"), 3, model.state_dict(), None, meta)
+
+
+def _edit_meta(folder, edit) -> None:
+    path = folder / "meta.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m["model_config"].update(n_layer=3), r"model\.safetensors disagree with meta\.json's "
+         r"model_config \(\d+ tensors missing \(e\.g\. transformer\.h\.1\."),
+        (lambda m: m["model_config"].update(n_embd=64), r"model\.safetensors disagree.*is \(\d+, 32\), not"),
+        (lambda m: m["model_config"].update(n_layer=1000), "disagree with meta.json's model_config"),
+        (lambda m: m["model_config"].update(dropout=0.1), r"has unknown model_config keys dropout"),
+        (lambda m: m["model_config"].update(n_layer="2"), r"has model_config n_layer='2', expected int"),
+        (lambda m: m["model_config"].update(n_head=2.0), r"n_head=2\.0, expected int"),
+        (lambda m: m["model_config"].update(softcap=float("nan")), r"softcap=nan, expected float"),
+        (lambda m: m["model_config"].update(n_head=-2), "expected a positive number"),
+        (lambda m: m["model_config"].update(n_head=3), r"meta\.json has an impossible model_config"),
+        (lambda m: m.pop("model_config"), r"meta\.json has model_config None"),
+        (lambda m: m["files"]["model.safetensors"].pop("sha256"), r"meta\.json has no sha256 for model"),
+        (lambda m: m["files"]["model.safetensors"].update(size="12"), r"meta\.json has no size for model"),
+        (lambda m: m["files"].pop("model.safetensors"), r"meta\.json does not list model\.safetensors"),
+        (lambda m: m.update(files=[]), r"meta\.json has no file list"),
+        (lambda m: m.update(step="3"), r"meta\.json has \"step\": '3', expected int"),
+        (lambda m: m.update(ranks={}), r"meta\.json has \"ranks\": \{\}, expected list"),
+    ],
+)  # fmt: skip
+def test_meta_that_disagrees_with_the_weights_is_one_clear_error(tmp_path, monkeypatch, edit, message):
+    from picochat.checkpoint import load_model
+
+    folder = _tiny_gpt_home(tmp_path, monkeypatch)
+    load_model("base", device="cpu")  # loads before the edit
+    _edit_meta(folder, edit)
+    with pytest.raises(PicochatError, match=message) as err:
+        load_model("base", device="cpu")
+    assert str(folder) in str(err.value) and "Fix: copy the checkpoint again" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_tensors_are_refused(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from picochat.checkpoint import load_model
+
+    folder = _tiny_gpt_home(tmp_path, monkeypatch)
+    path = folder / "model.safetensors"
+    state = load_file(str(path))
+    state.pop("lm_head.weight")
+    save_file(state, str(path))
+    _edit_meta(folder, lambda m: m["files"]["model.safetensors"].update(
+        size=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest()))  # fmt: skip
+    with pytest.raises(PicochatError, match=r"1 tensors missing \(e\.g\. lm_head\.weight\)"):
+        load_model("base", device="cpu")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_on_load(tmp_path, bad):
+    model, optimizers = _trained_pair()
+    _save(tmp_path, 1, model, optimizers)
+    with torch.no_grad():
+        model[1].weight[0, 3] = bad
+    folder = _save(tmp_path, 2, model, optimizers)
+    with pytest.raises(PicochatError) as err:
+        load_checkpoint(tmp_path)
+    message = str(err.value)
+    assert f"{folder / 'model.safetensors'} holds non-finite values (NaN or inf) in 1.weight" in message
+    assert "diverged" in message and "fall back to the previous checkpoint (step 1)" in message

@@ -135,6 +135,39 @@ def test_reader_errors_reach_the_training_loop(tmp_path):
     folder.mkdir()
     for i in range(2):
         pq.write_table(pa.table({"content": ["x"]}), folder / f"{i}.parquet")
-    loader = TokenBatchLoader(tiny_tokenizer(), 1, 8, "train", "cpu", str(folder))
+    # A validation loader skips the up-front check (it runs once per run, for the train loader), so the
+    # error is raised by the background reader and must come out of next().
+    loader = TokenBatchLoader(tiny_tokenizer(), 1, 8, "val", "cpu", str(folder))
     with pytest.raises(PicochatError, match="no `text` column"):
         next(loader)
+
+
+def damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "not parquet":
+        path.write_text("<html>404 Not Found</html>")
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:  # "data page": the footer (at the end) stays intact, a page in the middle is garbage
+        middle = len(data) // 3
+        path.write_bytes(data[:middle] + bytes(range(256)) * 4 + data[middle + 1024 :])
+
+
+@pytest.mark.parametrize("how", ["not parquet", "truncated", "empty", "data page"])
+@pytest.mark.parametrize("which", [0, 2])  # a training shard, the validation shard
+def test_a_damaged_shard_is_named_before_training_starts(tmp_path, how, which):
+    source = tmp_path / "shards"
+    write_shards(source, files=3, docs_per_file=200, row_group_size=200)
+    bad = source / f"shard_{which:05d}.parquet"
+    damage(bad, how)
+    if how == "data page" and which == 0:
+        dataset.check_shards(str(source))  # footers only, for training shards: found when read
+        with pytest.raises(PicochatError, match=f"{bad}.*not a readable parquet file"):
+            list(dataset.iter_documents("train", str(source)))
+        return
+    with pytest.raises(PicochatError, match=f"{bad}.*not a readable parquet file.*fetch it again"):
+        dataset.check_shards(str(source))
+    with pytest.raises(PicochatError, match=str(bad)):  # the train loader runs the check up front
+        TokenBatchLoader(tiny_tokenizer(), 1, 8, "train", "cpu", str(source))

@@ -7,13 +7,17 @@ undo the Python guards on purpose and check that the OS-level layers still conta
 
 import os
 import random
+import shutil
 import socket
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
+from picochat import _sandbox_child as execution_child
 from picochat import execution
 from picochat.execution import MAX_OUTPUT_BYTES, ExecutionResult, execute_code, run_calculator
 
@@ -104,19 +108,101 @@ def test_stdin_is_empty():
     assert_blocked(execute_code("input()", timeout=FAST), "EOFError")
 
 
-def test_early_exit_never_counts_as_success():
+WRONG_ANSWER = "\nassert 1 + 1 == 3, 'the tests fail'\n"  # what a forgery must hide: failing tests after it
+
+
+@pytest.mark.parametrize(
+    "exit_early",
+    [
+        "import sys\nsys.exit(0)",
+        "raise SystemExit",
+        "import os\nos._exit(0)",
+        "import posix\nposix._exit(0)",
+        "import os\nos.abort()",
+        "import os\nos.execv('/bin/true', ['true'])",
+        "import os\nos.kill(os.getpid(), 9)",
+        "import _thread\n_thread.interrupt_main()\nimport time\ntime.sleep(1)",
+    ],
+)
+def test_early_exit_never_counts_as_success(mode, exit_early):
     # A HumanEval completion that exits before the asserts run must not score as a pass.
-    assert_blocked(execute_code("import sys\nsys.exit(0)\nassert False", timeout=FAST), "SystemExit")
-    assert_blocked(execute_code("import os\nos._exit(0)\nassert False", timeout=FAST), "SandboxError")
+    result = execute_code(exit_early + WRONG_ANSWER, timeout=FAST)
+    assert not result.success and result.error is not None, result
 
 
-def test_forged_result_records_are_ignored():
-    forge = (
-        "import json, os\nfor fd in range(3, 64):\n    try:\n"
-        "        os.write(fd, (json.dumps({'nonce': 'guess', 'error': None, 'memory_exceeded': False,"
-        " 'timed_out': False}) + '\\n').encode())\n    except OSError:\n        pass\nos._exit(0)\n"
-    )
-    assert_blocked(execute_code(forge, timeout=FAST), "SandboxError")
+FORGE_RECORDS = """
+import gc, json, os, sys
+record = {"error": None, "memory_exceeded": False, "timed_out": False, "success": True}
+found = []
+frame = sys._getframe()
+while frame is not None:  # the harness's frames: its config, the pipe, any nonce
+    found.extend(v for v in frame.f_locals.values() if isinstance(v, dict))
+    frame = frame.f_back
+found.extend(o for o in gc.get_objects() if isinstance(o, dict) and ("report_fd" in o or "nonce" in o))
+for config in found:
+    record["nonce"] = config.get("nonce")
+    for key in ("report_fd", "result_fd"):
+        if isinstance(config.get(key), int):
+            os.write(config[key], (json.dumps(record) + "\\n").encode())
+for fd in range(3, 64):  # and every inherited descriptor, just in case
+    try:
+        os.write(fd, (json.dumps(record) + "\\n").encode())
+    except OSError:
+        pass
+"""
+
+
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        FORGE_RECORDS,
+        FORGE_RECORDS + "import posix\nposix._exit(0)",
+        # Monkeypatching the harness, so that its failure path reports (or exits with) success:
+        "import builtins\nbuiltins.BaseException = KeyError\nraise SystemExit(0)",
+        "import builtins\nbuiltins.SystemExit = type('S', (SystemExit,), {'code': 0})",
+        "import sys\nsys.excepthook = lambda *a: sys.exit(0)",
+        "import __main__, sys\n__main__.report_failure = lambda fd: sys.exit(0)",
+        "import __main__\n__main__.run = lambda *a: None\n__main__.main = lambda: None",
+        "import json, sys\njson.dumps = lambda *a, **k: sys.exit(0)",
+        "import os, sys\nos.write = lambda *a: sys.exit(0)",
+        "import posix\nposix.abort = lambda: None",
+        "import traceback, sys\ntraceback.print_exception = lambda *a, **k: sys.exit(0)",
+        "import sys\nclass Out:\n    def write(self, s): pass\n    def flush(self): sys.exit(0)\n"
+        "sys.stdout = sys.stderr = Out()",
+        "import atexit, sys\natexit.register(sys.exit, 0)",
+        # An exception whose description ends the harness "successfully":
+        "class E(Exception):\n    def __str__(self):\n        raise SystemExit(0)\nraise E()",
+        "class M(type):\n    @property\n    def __name__(cls):\n        raise SystemExit(0)\n"
+        "raise M('E', (Exception,), {})()",
+        # Code that would run inside the harness's failure path:
+        "import signal, sys\nsignal.signal(signal.SIGALRM, lambda *a: sys.exit(0))\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)",
+        "import _signal, sys\n_signal.signal(14, lambda *a: sys.exit(0))",
+        "import sys\nsys.settrace(lambda *a: sys.exit(0))",
+        "import threading, sys\nthreading.settrace(lambda *a: sys.exit(0))",
+        "import sys\nsys.setprofile(lambda *a: sys.exit(0))",
+        "import sys\nsys.addaudithook(lambda *a: sys.exit(0))",
+        "import sys\nsys.setrecursionlimit(12)",
+        "import threading, json, os\ndef forge():\n    while True:\n        for fd in range(3, 10):\n"
+        "            try:\n                os.write(fd, b'{\"error\": null}\\n')\n"
+        "            except OSError:\n                pass\n"
+        "threading.Thread(target=forge, daemon=True).start()",
+    ],
+)
+def test_the_code_cannot_forge_its_verdict(mode, forgery):
+    result = execute_code(forgery + WRONG_ANSWER, timeout=FAST)
+    assert not result.success and result.error is not None, result
+
+
+def test_the_verdict_of_an_honest_failure_says_why():
+    result = execute_code("print('partial', flush=False)" + WRONG_ANSWER, timeout=FAST)
+    assert not result.success and result.stdout == "partial\n"  # flushed before the process aborts
+    assert result.error == "AssertionError: the tests fail" and "line 2" in result.stderr
+
+
+def test_a_lone_surrogate_is_an_error_result_not_an_exception():
+    result = execute_code("print('\ud800')")
+    assert not result.success and result.error.startswith("UnicodeEncodeError: the code is not valid UTF-8")
 
 
 def test_concurrent_calls_from_threads():
@@ -220,6 +306,10 @@ def test_os_system_is_blocked(mode, tmp_path):
         "open(victim, 'w').write('overwritten')",
         "open(victim, 'a').write('appended')",
         "import io\nio.open(victim, 'r+').write('X')",
+        "import io\nio.FileIO(victim, 'w').write(b'X')",
+        "import _io\n_io.FileIO(victim, 'a').write(b'X')",
+        "import io\nio.FileIO(victim, 'r+', opener=lambda p, f: os.open(p, f)).write(b'X')",
+        "import os\nos.mkfifo(victim + '.fifo')",
         "import pathlib\npathlib.Path(victim).write_text('overwritten')",
         "import pathlib\npathlib.Path(victim).unlink()",
         "import os\nos.close(os.open(victim, os.O_WRONLY | os.O_TRUNC))",
@@ -333,10 +423,12 @@ def test_process_group_and_signals_are_off_limits(mode):
 
 
 @needs_kernel_layers
-def test_kernel_runs_the_code_as_nobody():
-    result = execute_code(REAL_POSIX + "print(posix.getuid(), posix.getpid())", timeout=FAST)
-    uid = execution._unprivileged_ids()[0]
-    assert result.stdout == f"{uid} 1\n"  # unprivileged, and PID 1 of its own PID namespace
+def test_kernel_runs_each_run_as_its_own_user():
+    code = REAL_POSIX + "print(posix.getuid(), posix.getgid(), posix.getpid())"
+    first, second = (execute_code(code, timeout=FAST).stdout.split() for _ in range(2))
+    assert first[2] == second[2] == "1"  # PID 1 of its own PID namespace
+    assert int(first[0]) in execution.RUN_IDS and int(second[0]) in execution.RUN_IDS
+    assert first[0] == first[1] and first[0] != second[0]  # unprivileged, and not shared between runs
 
 
 @needs_kernel_layers
@@ -362,13 +454,110 @@ def test_kernel_caps_processes_and_kills_them_all_at_the_end():
     assert leftovers == []
 
 
+@pytest.fixture
+def host_folder():
+    """A folder outside /tmp (which the sandbox replaces with a private one) that any user can reach
+    (unlike /root), removed afterwards. Only the root-only kernel tests use it."""
+    parent = next(p for p in ("/srv", "/opt", "/var/lib") if os.path.isdir(p))
+    folder = tempfile.mkdtemp(prefix=".picochat-test-", dir=parent)
+    os.chmod(folder, 0o755)
+    yield Path(folder)
+    shutil.rmtree(folder)
+
+
 @needs_kernel_layers
-def test_kernel_protects_files(tmp_path):
-    victim = tmp_path / "data.txt"
+def test_kernel_protects_files(host_folder):
+    victim = host_folder / "data.txt"
     victim.write_text("original content")
+    shared = host_folder / "world-writable.txt"
+    shared.write_text("original content")
+    shared.chmod(0o666)
+    os.chmod(host_folder, 0o777)  # even a folder anyone may write to
     code = REAL_POSIX + f"posix.unlink({str(victim)!r})"
-    assert_blocked(execute_code(code, timeout=FAST), "PermissionError")
-    assert victim.read_text() == "original content"
+    assert_blocked(execute_code(code, timeout=FAST), "Read-only file system")
+    for attack in (f"posix.open({str(shared)!r}, posix.O_WRONLY | posix.O_TRUNC)",
+                   f"posix.open({str(host_folder / 'new.txt')!r}, posix.O_WRONLY | posix.O_CREAT)",
+                   f"type(open('main.py', 'rb').raw)({str(shared)!r}, 'w')"):  # fmt: skip
+        assert_blocked(execute_code(REAL_POSIX + attack, timeout=FAST), "Read-only file system")
+    assert victim.read_text() == shared.read_text() == "original content"
+    assert sorted(p.name for p in host_folder.iterdir()) == ["data.txt", "world-writable.txt"]
+
+
+LEAVE_A_FILE = """
+import glob
+marker = "picochat-sandbox-marker-{tag}"
+for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+    real_file_io = type(open("main.py", "rb").raw)  # the unguarded io.FileIO, as an attacker would find it
+    with real_file_io(f"{{folder}}/{{marker}}", "w") as f:
+        f.write(b"persist")
+print(sorted(glob.glob("/tmp/picochat-exec-*") + glob.glob("/tmp/picochat-sandbox-marker-*")))
+"""
+
+
+@needs_kernel_layers
+def test_kernel_gives_each_run_a_private_tmp_that_vanishes():
+    tag = f"{random.randrange(10**9)}"
+    result = execute_code(LEAVE_A_FILE.format(tag=tag), timeout=FAST)
+    assert result.success, result  # the writes succeed, on the run's own tmpfs
+    assert result.stdout == f"['/tmp/picochat-sandbox-marker-{tag}']\n"  # no other run's folder in sight
+    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+        assert not os.path.exists(f"{folder}/picochat-sandbox-marker-{tag}")
+
+
+@needs_kernel_layers
+@pytest.mark.parametrize("folder", ["/dev/shm", "/tmp"])
+def test_kernel_caps_the_memory_held_by_tmp_files(folder):
+    # tmpfs pages are RAM outside the address-space limit: the private mounts are small.
+    code = REAL_POSIX + (
+        "written = 0\nfor i in range(8):\n"
+        f"    fd = posix.open('{folder}/fill%d' % i, posix.O_WRONLY | posix.O_CREAT)\n"
+        "    for _ in range(15):\n        written += posix.write(fd, bytes(2**20))\n"
+    )
+    assert_blocked(execute_code(code, timeout=FAST), "No space left on device")
+
+
+def test_concurrent_runs_cannot_write_into_each_others_folders(mode):
+    victim_code = "import os, time\ntime.sleep(2.5)\nprint(sorted(os.listdir('.')))"
+    intruder_code = (
+        "import glob, io, os\nhits = []\n"
+        "for folder in glob.glob('/tmp/picochat-exec-*') + glob.glob('/tmp/run*'):\n"
+        "    if os.path.realpath(folder) == os.getcwd():\n        continue\n"
+        "    for write in (lambda p: open(p, 'w'), lambda p: io.FileIO(p, 'w'),\n"
+        "                  lambda p: os.open(p, os.O_WRONLY | os.O_CREAT)):\n"
+        "        try:\n            write(folder + '/intruder')\n            hits.append(folder)\n"
+        "        except OSError:\n            pass\n"
+        "print(hits)\n"
+    )
+    results = {}
+    victim = threading.Thread(target=lambda: results.update(victim=execute_code(victim_code, timeout=FAST)))
+    victim.start()
+    time.sleep(1.0)  # the victim's folder exists by now
+    results["intruder"] = execute_code(intruder_code, timeout=FAST)
+    victim.join()
+    assert results["intruder"].stdout == "[]\n", results["intruder"]
+    assert results["victim"].stdout == "['main.py']\n", results["victim"]
+
+
+@needs_kernel_layers
+def test_kernel_fork_bomb_does_not_starve_a_concurrent_run():
+    bomb = REAL_POSIX + (
+        "import time\nforked = 0\nfor _ in range(200):\n    try:\n        pid = posix.fork()\n"
+        "    except OSError:\n        break\n"
+        "    if pid == 0:\n        time.sleep(6)\n        posix._exit(0)\n    forked += 1\n"
+        "print(forked, flush=True)\ntime.sleep(4)\n"
+    )
+    neighbour = REAL_POSIX + (
+        "ok = 0\nfor _ in range(8):\n    pid = posix.fork()\n    if pid == 0:\n        posix._exit(0)\n"
+        "    ok += posix.waitpid(pid, 0)[1] == 0\nprint(ok)\n"
+    )
+    results = {}
+    bomber = threading.Thread(target=lambda: results.update(bomb=execute_code(bomb, timeout=8.0)))
+    bomber.start()
+    time.sleep(2.0)  # the bomb holds every process its limit allows by now
+    results["neighbour"] = execute_code(neighbour, timeout=FAST)
+    bomber.join()
+    assert 0 < int(results["bomb"].stdout.split()[0]) < execution_child.MAX_PROCESSES, results["bomb"]
+    assert results["neighbour"].success and results["neighbour"].stdout == "8\n", results["neighbour"]
 
 
 @needs_kernel_layers
