@@ -75,13 +75,19 @@ def test_speedrun_dry_run_reads_hub_data_everywhere_and_trains_base_at_2048(tmp_
             assert flag(argv, "--data") == "hub", argv
         elif stage.startswith(("picochat.train", "picochat.evals", "picochat tokenizer")):
             assert flag(argv, "--source") == "hub", argv
-        if stage == "picochat.train.base":
+        if stage in ("picochat.train.base", "picochat plan"):
             assert flag(argv, "--max-seq-len") == "2048", argv
             assert flag(argv, "--depth") == "26", argv
         else:  # later stages inherit the context length from their input checkpoint
             assert "--max-seq-len" not in argv, argv
         if stage.startswith(("picochat.train", "picochat.evals")):
             assert flag(argv, "--nproc_per_node") is None and "--nproc_per_node=8" in argv, argv
+    # The plan comes first, checks memory, and plans exactly the base run that follows.
+    plan, base = commands[0], commands[stages.index("picochat.train.base")]
+    assert stages[0] == "picochat plan" and "--check" in plan
+    for name in ("--depth", "--max-seq-len", "--device-batch-size", "--target-param-data-ratio"):
+        assert flag(plan, name) == flag(base, name), name
+    assert flag(plan, "--nproc") == "8"
 
 
 def test_speedrun_dry_run_follows_the_size_variables():
