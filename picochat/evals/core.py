@@ -9,11 +9,9 @@ guessing" and 1 means perfect; CORE is the mean centred accuracy. Three kinds of
     continuation has the lowest mean loss;
   - language_modeling: the model's greedy output must reproduce the continuation token for token.
 Prompts are rendered like llm-foundry's (context + delimiter + continuation, few-shot examples first,
-separated by blank lines). A prompt is never cropped: cutting its start would silently change the task
-(a half example, or the question itself gone). When a prompt does not fit the model's context, its
-few-shot examples are dropped from the end of the list one at a time until it fits, and the item is
-counted as "fewer shots"; an item too long even with no examples is skipped (not scored, not in `n`)
-and counted as "skipped". Both counts are in every task's result and in the summary line.
+separated by blank lines). A prompt is never cropped (that silently changes the task): one too long for
+the context drops few-shot examples from the end until it fits ("fewer shots"); an item too long with
+none is not scored ("skipped", not in `n`). Both counts are in every task's result and the summary.
 
 Everything comes from the bundled `data/eval/core/` (see data/SOURCES.md, section 1a): the task list
 is DCLM's `low_variance_datasets`, the per-task shots / type / delimiter come from `dclm_heavy.yaml`,
@@ -197,8 +195,7 @@ def tokenize_prompts(
 
 
 class Fitted(NamedTuple):
-    """An item's token rows made to fit the context: how many few-shot examples it kept (None: it does
-    not fit even with none, and is skipped)."""
+    """An item's token rows fitted to the context, with the few-shot examples kept (None: skipped)."""
 
     rows: list[list[int]]
     starts: list[int]
@@ -207,18 +204,13 @@ class Fitted(NamedTuple):
 
 
 def fit_prompts(
-    tokenizer: Any,
-    spec: TaskSpec,
-    item: dict[str, Any],
-    fewshot: Sequence[dict[str, Any]],
-    max_len: int | None,
+    tokenizer: Any, spec: TaskSpec, item: dict, fewshot: Sequence[dict], max_len: int | None
 ) -> Fitted:
     """Tokenize the item with as many of its few-shot examples (a prefix of `fewshot`) as fit in
     `max_len` tokens; every row of the item has to fit, since its choices are compared with each other."""
     for shots in range(len(fewshot), -1, -1):
-        rows, starts, ends = tokenize_prompts(
-            tokenizer, spec.task_type, render_prompts(spec, item, fewshot[:shots])
-        )
+        prompts = render_prompts(spec, item, fewshot[:shots])
+        rows, starts, ends = tokenize_prompts(tokenizer, spec.task_type, prompts)
         if max_len is None or max(len(r) for r in rows) <= max_len:
             return Fitted(rows, starts, ends, shots)
     return Fitted(rows, starts, ends, None)
@@ -259,10 +251,12 @@ def score_example(
 
 
 class TaskCounts(NamedTuple):
+    """Items right, scored, scored with fewer shots (to fit), and skipped (too long even with none)."""
+
     correct: int
-    total: int  # items scored
-    fewer_shots: int = 0  # scored with some few-shot examples dropped to fit the context
-    skipped: int = 0  # too long for the context even with no examples: not scored
+    total: int
+    fewer_shots: int = 0
+    skipped: int = 0
 
 
 def evaluate_task(
@@ -339,17 +333,9 @@ def evaluate_core(
         for spec in specs:
             data = load_examples(spec)
             with autocast_context(torch.device(device)):
+                share = dict(rank=rank, world_size=world_size, progress=rank == 0)
                 counts = evaluate_task(
-                    model,
-                    tokenizer,
-                    spec,
-                    data,
-                    device,
-                    max_per_task,
-                    max_seq_len,
-                    rank=rank,
-                    world_size=world_size,
-                    progress=rank == 0,
+                    model, tokenizer, spec, data, device, max_per_task, max_seq_len, **share
                 )
             counts = _all_reduce_counts(counts, device, distributed)
             accuracy = counts.correct / max(counts.total, 1)
@@ -373,10 +359,8 @@ def evaluate_core(
     skipped = sum(r["skipped"] for r in results.values())
     summary = coverage_summary(all_specs, None if tasks is None else covered)
     if fewer_shots or skipped:
-        summary += (
-            f"; {fewer_shots} prompt(s) lost few-shot examples and {skipped} item(s) were skipped to fit "
-            f"the {max_seq_len}-token context"
-        )
+        summary += f"; {fewer_shots} prompt(s) lost few-shot examples and {skipped} item(s) were skipped"
+        summary += f" to fit the {max_seq_len}-token context"
     return {
         "core": core,
         "tasks": results,
