@@ -14,6 +14,7 @@ from picochat.common import PicochatError
 # (command words, module, one-line description). Order is the order of the pipeline.
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("download",), "picochat.download", "download pretraining shards from the Hugging Face hub"),
+    (("plan",), "picochat.plan", "size a base-training run: tokens, FLOPs, hours, memory per GPU, cost"),
     (("tokenizer", "train"), "picochat.train.tokenizer", "train the BPE tokenizer on the corpus"),
     (("tokenizer", "eval"), "picochat.evals.tokenizer", "report the tokenizer's compression (bytes/token)"),
     (("train", "base"), "picochat.train.base", "pretrain a GPT from scratch (--depth sets its size)"),

@@ -187,6 +187,9 @@ def distributed_runtime(device_type: str = "") -> Iterator[tuple[int, int, torch
     group cleanly at the end. When an error propagates, the group is left as it is: the failing rank
     exits at once and torchrun stops the others (a barrier there would wait for them forever)."""
     _, rank, _, world_size, device = init_runtime(device_type)
+    from picochat.multinode import require_shared_home  # multi-node: every node must see PICOCHAT_HOME
+
+    require_shared_home(device)
     yield rank, world_size, device
     cleanup_runtime()
 

@@ -1,157 +1,53 @@
-"""`picochat download`: fetch pretraining parquet shards over HTTP into `$PICOCHAT_HOME/base_data/`.
+"""`picochat download`: pretraining parquet shards into `$PICOCHAT_HOME/base_data/`.
 
-The default dataset is FineWeb-Edu as repackaged for nanochat (`karpathy/fineweb-edu-100b-shuffle`, 1823
-shards of ~100 MB); any dataset laid out as numbered parquet files with a `text` column works by changing
-`--repo`/`--base-url`, `--filename` and `--num-shards-total`. The last shard of the dataset is the
-validation split, so it is always fetched too (unless `--no-val`).
+Two datasets are known by name (`--dataset`), both numbered shards of ~250M characters with a `text`
+column, repackaged for nanochat:
+  - climbmix (default): NVIDIA's ClimbMix, `karpathy/climbmix-400b-shuffle`, 6543 shards, the data
+    of nanochat's current leaderboard runs (it beat FineWeb-Edu clearly in nanochat's experiments);
+  - fineweb-edu: HuggingFace's FineWeb-Edu, `karpathy/fineweb-edu-100b-shuffle`, 1823 shards.
+Any other dataset laid out the same way works with `--repo`, `--filename` and `--num-shards-total`. The
+last shard of a dataset is the validation split, so it is always fetched too (unless `--no-val`).
 
-Every shard is streamed into `<name>.part` next to its final name, resumed with an HTTP Range request after
-a dropped connection, verified (size, parquet magic and footer, and the sha256 the Hugging Face hub sends as
-the file's ETag) and only then renamed, so a reader never sees a half-written shard. Connection errors, 5xx
-and 429 answers and corrupt transfers are retried with exponential back-off. Only the standard library
-speaks HTTP (urllib), so tests can point `--base-url` at a local server.
+Hub datasets go through huggingface_hub's `hf_hub_download` with `local_dir` = the destination, which
+gives resumable partial files (under `<dest>/.cache/huggingface/`), HF_ENDPOINT (a mirror), HF_HUB_OFFLINE
+(only what is already there), HF_TOKEN (gated or private datasets) and faster transports when installed.
+picochat then checks every shard (parquet magic and footer, and its sha256 against the ETag the hub
+announced, which is the file's LFS object id), deletes and re-fetches a damaged one, and retries failed
+attempts with exponential back-off; a missing file or a refused token fails at once with a hint.
+A user's own web server (`--base-url`) is served by the plain-HTTP downloader in picochat.http_download.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import http.client
-import os
-import re
-import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from picochat import __version__
 from picochat.common import PicochatError, run_cli
 from picochat.dataset import resolve_data_dir
+from picochat.http_download import (
+    DEFAULT_FILENAME,
+    MAX_BACKOFF_SECONDS,
+    download_shards,
+    file_sha256,
+    parquet_problem,
+    shard_filename,
+)
 from picochat.report import record
+from picochat.tasks.loading import hub_endpoint
 
-DEFAULT_REPO = "karpathy/fineweb-edu-100b-shuffle"
-DEFAULT_NUM_SHARDS_TOTAL = 1823
-DEFAULT_BASE_URL = "https://huggingface.co/datasets/{repo}/resolve/main"
-DEFAULT_FILENAME = "shard_{index:05d}.parquet"
-PARQUET_MAGIC = b"PAR1"
-CHUNK_BYTES = 1 << 20
-MAX_BACKOFF_SECONDS = 60.0
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
-
-
-class _Retry(Exception):
-    """A failed attempt worth repeating; `hint` tells the user what to do if every attempt fails."""
-
-    def __init__(self, message: str, hint: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.hint = hint
-        self.retry_after = retry_after
-
-
-_NETWORK_HINT = "check the network connection and --base-url"
-_SERVER_HINT = "the server is failing or rate-limiting; try again later"
-_CORRUPT_HINT = "the server sent a damaged or different file; check --base-url and --filename, or retry later"
-
-
-@dataclass
-class _Shard:
-    index: int
-    url: str
-    path: Path
-    moved: int = 0  # bytes received for this shard in this run, over all attempts
-
-    @property
-    def part(self) -> Path:
-        return self.path.with_name(self.path.name + ".part")
-
-
-@dataclass
-class _Expected:
-    """What the server promised about the whole file."""
-
-    size: int | None
-    sha256: str | None
-
-
-class _Progress:
-    """One byte-counting bar over all shards. Until every shard's size is known its total is an estimate
-    (the known sizes plus their mean for each shard not started yet), which is what gives a useful ETA."""
-
-    def __init__(self, num_shards: int):
-        self.num_shards = num_shards
-        self.expected: dict[int, int] = {}
-        self.finished = 0
-        self.lock = threading.Lock()
-        self.bar = tqdm(desc="download", unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
-        self._show_shards()
-
-    def expect(self, index: int, nbytes: int) -> None:
-        with self.lock:
-            self.expected[index] = nbytes
-            known = sum(self.expected.values())
-            self.bar.total = known + known // len(self.expected) * (self.num_shards - len(self.expected))
-            self.bar.refresh()
-
-    def update(self, nbytes: int) -> None:
-        with self.lock:
-            self.bar.update(nbytes)
-
-    def shard_finished(self) -> None:
-        with self.lock:
-            self.finished += 1
-            self._show_shards()
-
-    def _show_shards(self) -> None:
-        self.bar.set_postfix_str(f"{self.finished}/{self.num_shards} shards")
-
-    def close(self) -> int:
-        """Close the bar; returns the bytes received."""
-        self.bar.close()
-        return self.bar.n
-
-
-@dataclass
-class _Settings:
-    retries: int
-    backoff: float
-    timeout: float
-    token: str | None
-    progress: _Progress
-    stop: threading.Event = field(default_factory=threading.Event)
-
-
-class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    """urllib's redirect handling, plus two things the hub needs.
-
-    The hub answers a resolve URL with a redirect to its CDN and puts the file's sha256 in that redirect's
-    `X-Linked-ETag`, so every redirect's headers are appended to the request's `redirect_headers`. The
-    token is only for the hub: it is dropped when the redirect leaves the original host.
-    """
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None:
-            # The same list travels along the chain, so the caller's original request sees every hop.
-            new.redirect_headers = getattr(req, "redirect_headers", [])
-            new.redirect_headers.append(headers)
-            if urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
-                new.remove_header("Authorization")
-        return new
-
-
-_OPENER = urllib.request.build_opener(_RedirectHandler)
-
+DATASETS = {  # name -> (hub dataset repository, number of shards)
+    "climbmix": ("karpathy/climbmix-400b-shuffle", 6543),
+    "fineweb-edu": ("karpathy/fineweb-edu-100b-shuffle", 1823),
+}
+DEFAULT_DATASET = "climbmix"
+_SHA256_HEX = frozenset("0123456789abcdef")
 
 # ---------------------------------------------------------------------------------------------
-# Which shards, and where they come from.
+# Which shards
 
 
 def shard_indices(shards: int, num_shards_total: int, with_val: bool = True) -> list[int]:
@@ -169,346 +65,193 @@ def shard_indices(shards: int, num_shards_total: int, with_val: bool = True) -> 
     return indices
 
 
-def shard_filename(template: str, index: int) -> str:
-    """The remote file name of shard `index` from a template such as `shard_{index:05d}.parquet`."""
-    try:
-        name, other = template.format(index=index), template.format(index=index + 1)
-    except (KeyError, IndexError, ValueError) as e:
-        raise PicochatError(
-            f"--filename {template!r} is not a valid template ({e}); write the shard number as {{index}}, "
-            f"e.g. {DEFAULT_FILENAME}"
-        ) from None
-    if name == other:
-        raise PicochatError(f"--filename {template!r} must contain {{index}} (e.g. {DEFAULT_FILENAME})")
-    if not name.endswith(".parquet"):
-        raise PicochatError(
-            f"--filename {template!r} gives {name!r}; shards must be parquet files ending in .parquet"
-        )
-    return name
-
-
-def _shard(index: int, base_url: str, template: str, dest: Path) -> _Shard:
-    name = shard_filename(template, index)
-    url = base_url.rstrip("/") + "/" + urllib.parse.quote(name)
-    return _Shard(index, url, dest / Path(name).name)
-
-
 # ---------------------------------------------------------------------------------------------
-# Verification.
+# Through huggingface_hub
 
 
-def parquet_problem(path: Path) -> str | None:
-    """Why `path` is not a complete parquet file (magic at both ends, readable footer), or None if it is."""
-    size = path.stat().st_size
-    if size < 2 * len(PARQUET_MAGIC):
-        return f"only {size} bytes, too small to be a parquet file"
-    with open(path, "rb") as f:
-        head = f.read(len(PARQUET_MAGIC))
-        f.seek(-len(PARQUET_MAGIC), os.SEEK_END)
-        tail = f.read()
-    if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
-        where = "start" if head != PARQUET_MAGIC else "end"
-        return f"not a parquet file (no {PARQUET_MAGIC.decode()} magic at its {where})"
-    try:
-        pq.read_metadata(path)
-    except Exception as e:  # pyarrow raises several types for a damaged footer
-        return f"unreadable parquet footer ({e})"
+def hub_error(error: Exception, what: str) -> str | None:
+    """The message for an error worth no retry (missing file, refused token, offline), or None."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    statuses = [getattr(getattr(e, "response", None), "status_code", None) for e in chain]
+    if any(isinstance(e, GatedRepoError) for e in chain) or {401, 403} & set(statuses):
+        return (
+            f"{what}: access refused; for a gated or private dataset set HF_TOKEN to a token that may read it"
+        )
+    if constants.HF_HUB_OFFLINE or any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        return f"{what} is not downloaded yet and HF_HUB_OFFLINE is set; unset it to download"
+    if any(isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError)) for e in chain):
+        return f"{what}: no such dataset or revision on the hub; check --dataset/--repo and --revision"
+    if 404 in statuses or any(
+        isinstance(e, EntryNotFoundError) and isinstance(e, HfHubHTTPError) for e in chain
+    ):
+        return (
+            f"{what}: not found (HTTP 404); check --repo, --filename, and that the dataset has "
+            "--num-shards-total shards"
+        )
+    if not any(isinstance(e, (HfHubHTTPError, OSError)) for e in chain):
+        raise error  # a bug, not a download problem
     return None
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
+def _hub_problem(path: Path, dest: Path, name: str) -> str | None:
+    """Why the downloaded shard is damaged (parquet check, sha256 vs the announced ETag), or None."""
+    from huggingface_hub._local_folder import read_download_metadata  # what hf_hub_download recorded
 
-
-def _verify(path: Path, expected: _Expected) -> str | None:
-    """Why the downloaded file is not the one the server described, or None if it is."""
-    size = path.stat().st_size
-    if expected.size is not None and size != expected.size:
-        return f"got {size} bytes but the server announced {expected.size} (Content-Length)"
     problem = parquet_problem(path)
-    if problem is None and expected.sha256 is not None:
-        actual = _file_sha256(path)
-        if actual != expected.sha256:
-            problem = f"sha256 mismatch: the server announced {expected.sha256}, the file has {actual}"
+    metadata = read_download_metadata(dest, name)
+    etag = metadata.etag if metadata is not None else ""
+    if problem is None and len(etag) == 64 and set(etag) <= _SHA256_HEX:
+        actual = file_sha256(path)
+        if actual != etag:
+            problem = f"sha256 mismatch: the hub announced {etag}, the file has {actual}"
     return problem
 
 
-def _sha256_from(headers_chain: list) -> str | None:
-    """The sha256 the server announced: the hub's X-Linked-ETag first (it is the LFS object id), else an
-    ETag that is a sha256 (64 hex digits). Redirect responses come before the final one in the chain."""
-    for name in ("X-Linked-ETag", "ETag"):
-        for headers in headers_chain:
-            value = (headers.get(name) or "").strip().removeprefix("W/").strip('"').lower()
-            if _SHA256_HEX.fullmatch(value):
-                return value
-    return None
+def _hub_one(
+    index: int, repo: str, name: str, revision: str, dest: Path, retries: int, backoff: float
+) -> Path:
+    """Fetch and check one shard, retrying with exponential back-off; PicochatError if it fails."""
+    from huggingface_hub import hf_hub_download
 
-
-# ---------------------------------------------------------------------------------------------
-# Fetching one shard.
-
-
-def _request(shard: _Shard, offset: int, token: str | None) -> urllib.request.Request:
-    request = urllib.request.Request(shard.url, headers={"User-Agent": f"picochat/{__version__}"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    request.redirect_headers = []
-    return request
-
-
-def _http_error(shard: _Shard, error: urllib.error.HTTPError) -> Exception:
-    """The exception for an HTTP error status: retried for 5xx/429, final for the rest."""
-    status = f"HTTP {error.code} {error.reason}"
-    if error.code >= 500 or error.code == 429:
-        retry_after = error.headers.get("Retry-After", "")
-        wait = min(float(retry_after), MAX_BACKOFF_SECONDS) if retry_after.isdigit() else None
-        return _Retry(f"{status} from {shard.url}", _SERVER_HINT, retry_after=wait)
-    if error.code == 416:  # our .part is longer than the file: it cannot be resumed, start over
-        shard.part.unlink(missing_ok=True)
-        return _Retry(f"{status} from {shard.url}: the partial file does not fit; restarting", _CORRUPT_HINT)
-    if error.code == 404:
-        hint = "check --repo, --base-url and --filename, and that the dataset has --num-shards-total shards"
-    elif error.code in (401, 403):
-        hint = "if the dataset is gated or private, set HF_TOKEN to a token that may read it"
-    else:
-        hint = "check --base-url"
-    return PicochatError(f"shard {shard.index}: {status} for {shard.url}; {hint}")
-
-
-def _open(shard: _Shard, offset: int, settings: _Settings) -> tuple[http.client.HTTPResponse, list]:
-    """Send the request; returns the response and every response header set along the redirect chain."""
-    request = _request(shard, offset, settings.token)
-    try:
-        response = _OPENER.open(request, timeout=settings.timeout)
-    except urllib.error.HTTPError as e:
-        e.close()
-        raise _http_error(shard, e) from e
-    except (OSError, http.client.HTTPException) as e:  # URLError, refused, reset, timeout, bad status line
-        raise _Retry(f"could not fetch {shard.url}: {getattr(e, 'reason', e)}", _NETWORK_HINT) from e
-    return response, [*request.redirect_headers, response.headers]
-
-
-def _start_offset(shard: _Shard, response: http.client.HTTPResponse, offset: int) -> tuple[int, int | None]:
-    """Where the body starts in the file and the file's full size (None if the server does not say)."""
-    length = response.headers.get("Content-Length")
-    length = int(length) if length and length.isdigit() else None
-    if (response.status or 200) != 206:  # a full body: the server ignored our Range request, if any
-        if offset:
-            tqdm.write(f"shard {shard.index}: the server ignored the resume request; restarting from byte 0")
-        return 0, length
-    match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
-    if match is None or int(match.group(1)) != offset:
-        shard.part.unlink(missing_ok=True)
-        raise _Retry(
-            f"{shard.url} answered the resume request with the wrong range "
-            f"({response.headers.get('Content-Range')!r} for bytes={offset}-); restarting",
-            _CORRUPT_HINT,
-        )
-    total = match.group(2)
-    if total.isdigit():
-        return offset, int(total)
-    return offset, None if length is None else offset + length
-
-
-def _fetch(shard: _Shard, settings: _Settings) -> _Expected:
-    """One attempt: continue (or restart) `shard.part` from the server; returns what the server promised."""
-    offset = shard.part.stat().st_size if shard.part.exists() else 0
-    response, chain = _open(shard, offset, settings)
-    with response:
-        start, size = _start_offset(shard, response, offset)
-        if size is not None:
-            settings.progress.expect(shard.index, shard.moved + size - start)
-        with open(shard.part, "ab" if start else "wb") as f:
-            while not settings.stop.is_set():
-                try:
-                    block = response.read(CHUNK_BYTES)
-                except (OSError, http.client.HTTPException) as e:  # reset, timeout, incomplete read
-                    raise _Retry(f"connection to {shard.url} broke: {e}", _NETWORK_HINT) from e
-                if not block:
-                    break
-                f.write(block)
-                shard.moved += len(block)
-                settings.progress.update(len(block))
-            f.flush()
-            os.fsync(f.fileno())
-    if settings.stop.is_set():
-        raise PicochatError("download interrupted; run the same command again to resume")
-    received = shard.part.stat().st_size
-    if size is not None and received < size:
-        raise _Retry(f"connection to {shard.url} closed after {received} of {size} bytes", _NETWORK_HINT)
-    return _Expected(size, _sha256_from(chain))
-
-
-def _download_one(shard: _Shard, settings: _Settings) -> Path:
-    """Fetch, verify and rename one shard, retrying with exponential back-off; PicochatError if it fails."""
-    error: _Retry | None = None
-    for attempt in range(settings.retries + 1):
+    what = f"shard {index} ({name} of {repo})"
+    problem, damaged = "", False
+    for attempt in range(retries + 1):
         if attempt:
-            delay = error.retry_after or min(settings.backoff * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS)
-            tqdm.write(f"shard {shard.index}: {error}; retry {attempt}/{settings.retries} in {delay:.1f}s")
-            if settings.stop.wait(delay):
-                raise PicochatError("download interrupted; run the same command again to resume")
+            delay = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS)
+            tqdm.write(f"{what}: {problem}; retry {attempt}/{retries} in {delay:.1f}s")
+            time.sleep(delay)
         try:
-            expected = _fetch(shard, settings)
-            problem = _verify(shard.part, expected)
-            if problem is None:
-                os.replace(shard.part, shard.path)
-                settings.progress.shard_finished()
-                return shard.path
-            shard.part.unlink()  # a corrupt body is useless for resuming
-            error = _Retry(f"{shard.path.name} from {shard.url}: {problem}", _CORRUPT_HINT)
-        except _Retry as e:
-            error = e
-        except OSError as e:  # the network errors became _Retry, so this is the local disk
-            raise PicochatError(
-                f"shard {shard.index}: cannot write {shard.part}: {e}; free disk space or pick another --dest"
-            ) from e
+            path = Path(
+                hf_hub_download(
+                    repo,
+                    name,
+                    repo_type="dataset",
+                    revision=revision,
+                    local_dir=dest,
+                    endpoint=hub_endpoint(),
+                    force_download=damaged,
+                )
+            )
+        except Exception as e:  # huggingface_hub raises many types; hub_error sorts them
+            final = hub_error(e, what)
+            if final is not None:
+                raise PicochatError(final) from e
+            problem, damaged = f"{type(e).__name__}: {e}".splitlines()[0], False
+            continue
+        problem = _hub_problem(path, dest, name)
+        if problem is None:
+            return path
+        path.unlink()  # never leave a damaged shard under its final name
+        damaged = True
     raise PicochatError(
-        f"shard {shard.index} failed after {settings.retries + 1} attempts: {error}; {error.hint} "
-        "(rerun the same command to try again: finished shards are kept, partial ones resume)"
+        f"{what} failed after {retries + 1} attempts: {problem}; rerun the same command to try again "
+        "(finished shards are kept, partial ones resume)"
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Many shards.
-
-
-def _existing(shard: _Shard) -> bool:
-    """True if the shard is already downloaded and valid; a corrupt final file is deleted for re-download."""
-    if not shard.path.exists():
-        return False
-    problem = parquet_problem(shard.path)
-    if problem is None:
-        return True
-    tqdm.write(f"shard {shard.index}: {shard.path} is damaged ({problem}); downloading it again")
-    shard.path.unlink()
-    return False
-
-
-def download_shards(
+def hub_download_shards(
     indices: list[int],
-    base_url: str,
+    repo: str,
     filename: str = DEFAULT_FILENAME,
     dest: str | Path | None = None,
+    revision: str = "main",
     workers: int = 4,
     retries: int = 5,
     backoff: float = 1.0,
-    timeout: float = 60.0,
-    token: str | None = None,
 ) -> list[Path]:
-    """Download the shards `indices` (skipping valid ones already in `dest`) in parallel; returns their paths.
-
-    `base_url` is the folder URL the names from the `filename` template are appended to; `dest` defaults to
-    `$PICOCHAT_HOME/base_data`. An attempt that fails (connection error, 5xx/429, corrupt file) is repeated
-    up to `retries` times, waiting `backoff` seconds doubled after each failure. `token` (default: the
-    HF_TOKEN environment variable) is sent as a bearer token. Prints a summary line; raises PicochatError
-    naming every shard that failed.
-    """
-    if workers < 1 or retries < 0 or backoff < 0 or timeout <= 0:
-        raise PicochatError("--workers and --timeout must be positive, --retries and --backoff not negative")
+    """Download shards `indices` of the hub dataset `repo` into `dest` (default $PICOCHAT_HOME/base_data)
+    in parallel, each checked; prints a summary and raises PicochatError naming every shard that failed."""
+    if workers < 1 or retries < 0 or backoff < 0:
+        raise PicochatError("--workers must be positive, --retries and --backoff not negative")
     dest = Path(dest) if dest is not None else resolve_data_dir("hub")
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PicochatError(f"cannot create the destination folder {dest}: {e}; pick another --dest") from e
-    token = os.environ.get("HF_TOKEN") if token is None else token
-    shards = [_shard(i, base_url, filename, dest) for i in indices]
-    todo = [s for s in shards if not _existing(s)]
-    started = time.monotonic()
-    settings = _Settings(retries, backoff, timeout, token, _Progress(len(todo)))
-    failures = []
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_download_one, s, settings) for s in todo]
+    names = {i: shard_filename(filename, i) for i in indices}
+    started, failures = time.monotonic(), []
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(names), unit="shard") as bar:
+        futures = [
+            pool.submit(_hub_one, i, repo, n, revision, dest, retries, backoff) for i, n in names.items()
+        ]
+        for future in as_completed(futures):
             try:
-                for future in as_completed(futures):
-                    try:
-                        future.result()
-                    except PicochatError as e:
-                        failures.append(str(e))
-            except KeyboardInterrupt:
-                settings.stop.set()  # workers stop at their next block; .part files stay for resuming
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    finally:
-        received = settings.progress.close()
-    seconds = time.monotonic() - started
-    downloaded, present = len(todo) - len(failures), len(shards) - len(todo)
+                future.result()
+            except PicochatError as e:
+                failures.append(str(e))
+            bar.update()
+    paths = [dest / name for name in names.values()]
+    size = sum(p.stat().st_size for p in paths if p.exists())
     print(
-        f"{downloaded + present}/{len(shards)} shards in {dest}: {downloaded} downloaded "
-        f"({received / 1e6:.1f} MB in {seconds:.1f}s, {received / 1e6 / max(seconds, 1e-9):.1f} MB/s), "
-        f"{present} already present, {len(failures)} failed",
+        f"{len(paths) - len(failures)}/{len(paths)} shards of {repo} in {dest} ({size / 1e6:.1f} MB, "
+        f"{time.monotonic() - started:.1f}s), {len(failures)} failed",
         flush=True,
     )
     if failures:
         raise PicochatError(f"{len(failures)} shard(s) failed:\n  " + "\n  ".join(sorted(failures)))
-    return [s.path for s in shards]
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
 # The command.
 
-EPILOG = f"""\
-Other datasets work by changing --repo (or --base-url), --filename and --num-shards-total; any numbered
-parquet files with a `text` column will do (zero-pad the number so that name order is shard order, since
-the last file by name is the validation split). Examples:
-
-  NVIDIA ClimbMix (as repackaged for nanochat, 6543 shards):
-    %(prog)s --repo karpathy/climbmix-400b-shuffle --num-shards-total 6543 --shards 8
-  your own shards on a web server:
-    %(prog)s --base-url https://example.com/corpus --filename part_{{index:04d}}.parquet \\
-        --num-shards-total 120 --shards -1 --dest ~/corpus
-  (shards already on disk need no download: give their folder as --source where a stage takes one)
-
-Default: the first 8 shards of {DEFAULT_REPO} (~250M characters each) plus its
-validation shard, into $PICOCHAT_HOME/base_data. Set HF_TOKEN for gated or private datasets. Run the same
-command again after an interruption: finished shards are checked and skipped, partial ones
-(*.parquet.part) resume where they stopped."""
+EPILOG = """\
+Examples:
+  %(prog)s --shards 8                       ClimbMix shards 0-7 and its validation shard
+  %(prog)s --dataset fineweb-edu --shards 240
+  %(prog)s --repo me/my-corpus --num-shards-total 120 --filename part_{index:04d}.parquet --shards -1
+  %(prog)s --base-url https://example.com/corpus --num-shards-total 120 --shards -1 --dest ~/corpus
+Shard numbers are zero-padded so that name order is shard order: the last file by name is the validation
+split. Environment: HF_TOKEN (gated or private datasets), HF_ENDPOINT (a hub mirror), HF_HUB_OFFLINE=1
+(use only what is already downloaded). Run the same command again after an interruption: finished shards
+are checked and kept, partial ones resume. Shards already on disk need no download: give their folder as
+--source where a stage takes one."""
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Download pretraining parquet shards (FineWeb-Edu by default) from the Hugging Face\n"
-        "hub or any HTTP server: in parallel, resuming partial files, retrying failures, verifying each.",
+        description="Download pretraining parquet shards (NVIDIA ClimbMix by default) from the Hugging Face\n"
+        "hub, or any HTTP server: in parallel, resuming partial files, retrying failures, checking each.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--shards",
-        "-n",
-        type=int,
-        default=8,
-        help="download shards 0..N-1; -1 = every shard of the dataset (default: 8)",
+        "--shards", "-n", type=int, default=8, help="download shards 0..N-1; -1 = every shard (default: 8)"
     )
     parser.add_argument(
-        "--no-val",
-        action="store_true",
-        help="do not also download the dataset's last shard, the validation split",
+        "--no-val", action="store_true", help="do not also download the last shard, the validation split"
     )
     parser.add_argument(
-        "--repo",
-        default=DEFAULT_REPO,
-        help="Hugging Face dataset repository, put into --base-url (default: %(default)s)",
+        "--dataset",
+        choices=sorted(DATASETS),
+        default=DEFAULT_DATASET,
+        help="a known dataset: sets --repo and --num-shards-total (default: %(default)s)",
     )
+    parser.add_argument("--repo", default=None, help="any hub dataset repository instead of --dataset's")
+    parser.add_argument("--revision", default="main", help="hub branch, tag or commit (default: main)")
     parser.add_argument(
         "--num-shards-total",
         type=int,
-        default=DEFAULT_NUM_SHARDS_TOTAL,
-        help="how many shards the dataset has; the last one is the validation split "
-        f"(default: {DEFAULT_NUM_SHARDS_TOTAL})",
+        default=None,
+        help="how many shards the dataset has; the last is the validation split (default: --dataset's)",
     )
     parser.add_argument(
         "--base-url",
-        default=DEFAULT_BASE_URL,
-        help="folder URL the shard names are appended to; {repo} is replaced by --repo "
-        f"(default: {DEFAULT_BASE_URL})",
+        default=None,
+        help="download from this folder URL of your own server with plain HTTP instead of the hub",
     )
     parser.add_argument(
         "--filename",
@@ -525,8 +268,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--retries",
         type=int,
         default=5,
-        help="extra attempts per shard after a connection error, HTTP 5xx/429 or a corrupt "
-        "transfer (default: 5)",
+        help="extra attempts per shard after a network error, HTTP 5xx/429 or a damaged file (default: 5)",
     )
     parser.add_argument(
         "--backoff",
@@ -538,21 +280,37 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=60.0,
-        help="seconds without any data from the server before an attempt fails (default: 60)",
+        help="--base-url: seconds without data before an attempt fails (hub: HF_HUB_DOWNLOAD_TIMEOUT)",
     )
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    indices = shard_indices(args.shards, args.num_shards_total, with_val=not args.no_val)
-    base_url = args.base_url.replace("{repo}", args.repo)
+    repo, num_shards = DATASETS[args.dataset]
+    repo = args.repo or repo
+    num_shards = args.num_shards_total if args.num_shards_total is not None else num_shards
+    indices = shard_indices(args.shards, num_shards, with_val=not args.no_val)
     dest = Path(args.dest).expanduser() if args.dest else resolve_data_dir("hub")
-    paths = download_shards(
-        indices, base_url, args.filename, dest, args.workers, args.retries, args.backoff, args.timeout
-    )
+    if args.base_url:
+        source = args.base_url
+        paths = download_shards(
+            indices,
+            args.base_url,
+            args.filename,
+            dest,
+            args.workers,
+            args.retries,
+            args.backoff,
+            args.timeout,
+        )
+    else:
+        source = f"hub:{repo}@{args.revision}"
+        paths = hub_download_shards(
+            indices, repo, args.filename, dest, args.revision, args.workers, args.retries, args.backoff
+        )
     size = sum(path.stat().st_size for path in paths)
-    record("download", {"base_url": base_url, "dest": str(dest), "shards": len(paths), "bytes": size})
+    record("download", {"source": source, "dest": str(dest), "shards": len(paths), "bytes": size})
     return 0
 
 

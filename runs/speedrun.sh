@@ -1,20 +1,33 @@
 #!/usr/bin/env bash
-# The reference run for one 8xH100 node: download FineWeb-Edu shards (more in the background while the
+# The reference run for one 8xH100 node: download ClimbMix shards (more in the background while the
 # tokenizer trains), tokenizer on ~2B characters, a depth-26 base model (the depth nanochat measured to
 # match GPT-2's CORE of 0.256), CORE eval, mid-training, SFT, chat evals, optional RL, report.md.
 #
 #   bash runs/speedrun.sh           # the real thing: needs GPUs and access to the Hugging Face hub
 #   bash runs/speedrun.sh --smoke   # every command below with tiny sizes on the CPU: 2 processes with
 #                                   # torchrun (gloo), the bundled corpus served by a local HTTP server
+#   bash runs/speedrun.sh --dry-run # print every command the real run would execute, run nothing
 #
-# Sizes are environment variables, e.g. `DEPTH=20 SHARDS=240 NPROC=4 bash runs/speedrun.sh`.
+# Every stage of the real run reads hub data: the pretraining shards, and SmolTalk, MMLU auxiliary-train,
+# ARC and GSM8K for mid-training and SFT, the full test sets for the chat evals. The base model trains
+# at a 2048-token context; mid-training, SFT, RL and the evals take theirs from the checkpoint.
+#
+# Sizes are environment variables, e.g. `DEPTH=20 SHARDS=240 NPROC=4 bash runs/speedrun.sh` (also
+# DEVICE_BATCH_SIZE, RATIO = training tokens per parameter, GPU = h100|h200|a100|b200 for the plan).
+# It starts with `picochat plan --check`, which stops the run if the device batch cannot fit in memory.
 # WITH_RL=1 adds RL on GSM8K (and its eval) after SFT. Run it inside screen/tmux: it takes hours.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 SMOKE="${PICOCHAT_SMOKE:-0}"
-[ "${1:-}" = "--smoke" ] && SMOKE=1
-bash runs/setup.sh
+DRY=0
+case "${1:-}" in
+  --smoke) SMOKE=1 ;;
+  --dry-run) DRY=1 ;;
+  "") ;;
+  *) echo "usage: bash runs/speedrun.sh [--smoke | --dry-run]" >&2; exit 2 ;;
+esac
+[ "$DRY" = 1 ] || bash runs/setup.sh
 VENV="${PICOCHAT_VENV:-$REPO/.venv}"
 PICO="$VENV/bin/picochat"
 WITH_RL="${WITH_RL:-0}"
@@ -33,6 +46,8 @@ if [ "$SMOKE" = 1 ]; then
   FIRST_SHARDS=2 SHARDS=4
   TOKENIZER=(--vocab-size 1024 --max-chars 2000000)
   TOKENIZER_EVAL=(--max-examples 20)
+  PLAN=(--depth 2 --nproc "$NPROC" --max-seq-len 128 --device-batch-size 2 --total-batch-size 512
+        --vocab-size 1024)
   BASE=(--depth 2 --max-seq-len 128 --device-batch-size 2 --total-batch-size 512 --num-iterations 4
         --eval-every 2 --eval-tokens 1024 --sample-every 4 --save-every 2)
   BASE_EVAL=(--max-per-task 2 --split-tokens 1024 --device-batch-size 2)
@@ -43,41 +58,60 @@ if [ "$SMOKE" = 1 ]; then
   RL=(--examples-per-step 2 --num-samples 2 --device-batch-size 2 --max-new-tokens 16 --num-steps 2
       --eval-every 0 --eval-examples 2)
   CHAT_EVAL=(--max-per-task 2 --max-new-tokens 16)
+  TASK_DATA=() RL_DATA=()  # no hub here: post-training reads the bundled task copies
 else
   export PICOCHAT_HOME="${PICOCHAT_HOME:-$HOME/.cache/picochat}"
   NPROC="${NPROC:-8}"
   DEPTH="${DEPTH:-26}"
   HUB=()
-  # ~250M characters per shard; 450 shards cover depth 26's compute-optimal token horizon.
-  FIRST_SHARDS="${FIRST_SHARDS:-8}" SHARDS="${SHARDS:-450}"
+  # ~250M characters (~55M tokens) per shard: 170 shards cover depth 26 at RATIO 8.25 (7.6B tokens).
+  FIRST_SHARDS="${FIRST_SHARDS:-8}" SHARDS="${SHARDS:-170}"
   TOKENIZER=(--vocab-size 65536 --max-chars 2000000000)
   TOKENIZER_EVAL=()
-  BASE=(--depth "$DEPTH" --device-batch-size "${DEVICE_BATCH_SIZE:-16}" --run speedrun)
+  DEVICE_BATCH_SIZE="${DEVICE_BATCH_SIZE:-16}"
+  # nanochat's d26 leaderboard run trains 8.25 tokens per scaling parameter (20 would take ~2.4x longer).
+  RATIO="${RATIO:-8.25}"
+  SIZE=(--depth "$DEPTH" --max-seq-len 2048 --device-batch-size "$DEVICE_BATCH_SIZE"
+        --target-param-data-ratio "$RATIO")
+  PLAN=("${SIZE[@]}" --nproc "$NPROC" --gpu "${GPU:-h100}" --vocab-size 65536)
+  BASE=("${SIZE[@]}" --run speedrun)
   BASE_EVAL=()
-  MID=(--device-batch-size "${DEVICE_BATCH_SIZE:-16}" --run speedrun-mid)
+  MID=(--device-batch-size "$DEVICE_BATCH_SIZE" --run speedrun-mid)
   SFT=(--run speedrun-sft)
   RL=(--run speedrun-rl)
   CHAT_EVAL=()
+  TASK_DATA=(--source hub) RL_DATA=(--data hub)
 fi
 
+# run CMD...: execute it, or with --dry-run print it (one line, shell-quoted) and run nothing.
+run() {
+  if [ "$DRY" = 1 ]; then printf '%q ' "$@" | sed 's/ $//'; echo; else "$@"; fi
+}
+
 launch() {  # launch MODULE ARGS...: one stage on NPROC processes of this node
-  "$VENV/bin/torchrun" --standalone --nproc_per_node="$NPROC" -m "$@"
+  run "$VENV/bin/torchrun" --standalone --nproc_per_node="$NPROC" -m "$@"
 }
 t_start=$(date +%s)
-step() { echo "==> $* ($(( ($(date +%s) - t_start) / 60 )) min in)"; }
+step() { [ "$DRY" = 1 ] || echo "==> $* ($(( ($(date +%s) - t_start) / 60 )) min in)"; }
 
+step "plan: tokens, hours, memory per GPU, cost (stops here if the device batch cannot fit)"
+run "$PICO" plan --check "${PLAN[@]}"
 step "report reset"
-"$PICO" report --reset
+run "$PICO" report --reset
 step "download the first $FIRST_SHARDS shards (and the validation shard)"
-"$PICO" download --shards "$FIRST_SHARDS" "${HUB[@]}"
+run "$PICO" download --shards "$FIRST_SHARDS" "${HUB[@]}"
 step "download up to $SHARDS shards in the background"
-"$PICO" download --shards "$SHARDS" "${HUB[@]}" >"$PICOCHAT_HOME/download.log" 2>&1 &
-DOWNLOAD_PID=$!
+if [ "$DRY" = 1 ]; then
+  run "$PICO" download --shards "$SHARDS" "${HUB[@]}"
+else
+  "$PICO" download --shards "$SHARDS" "${HUB[@]}" >"$PICOCHAT_HOME/download.log" 2>&1 &
+  DOWNLOAD_PID=$!
+fi
 step "tokenizer"
-"$PICO" tokenizer train --source hub "${TOKENIZER[@]}"
-"$PICO" tokenizer eval --source hub "${TOKENIZER_EVAL[@]}"
+run "$PICO" tokenizer train --source hub "${TOKENIZER[@]}"
+run "$PICO" tokenizer eval --source hub "${TOKENIZER_EVAL[@]}"
 step "waiting for the shards"
-if ! wait "$DOWNLOAD_PID"; then
+if [ "$DRY" = 0 ] && ! wait "$DOWNLOAD_PID"; then
   echo "error: the background download failed; see $PICOCHAT_HOME/download.log" >&2
   exit 1
 fi
@@ -85,17 +119,18 @@ step "base pretraining"
 launch picochat.train.base --source hub --overwrite "${BASE[@]}"
 launch picochat.evals.core --source hub "${BASE_EVAL[@]}"
 step "mid-training"
-launch picochat.train.mid --overwrite "${MID[@]}"
-launch picochat.evals.chat -i mid "${CHAT_EVAL[@]}"
+launch picochat.train.mid --overwrite "${TASK_DATA[@]}" "${MID[@]}"
+launch picochat.evals.chat -i mid "${TASK_DATA[@]}" "${CHAT_EVAL[@]}"
 step "SFT"
-launch picochat.train.sft --overwrite "${SFT[@]}"
-launch picochat.evals.chat -i sft "${CHAT_EVAL[@]}"
+launch picochat.train.sft --overwrite "${TASK_DATA[@]}" "${SFT[@]}"
+launch picochat.evals.chat -i sft "${TASK_DATA[@]}" "${CHAT_EVAL[@]}"
 if [ "$WITH_RL" = 1 ]; then
   step "RL"
-  launch picochat.train.rl --overwrite "${RL[@]}"
-  launch picochat.evals.chat -i rl -a GSM8K "${CHAT_EVAL[@]}"
+  launch picochat.train.rl --overwrite "${RL_DATA[@]}" "${RL[@]}"
+  launch picochat.evals.chat -i rl -a GSM8K "${TASK_DATA[@]}" "${CHAT_EVAL[@]}"
 fi
 step "report"
-"$PICO" report --out "$PICOCHAT_HOME/report.md"
+run "$PICO" report --out "$PICOCHAT_HOME/report.md"
+[ "$DRY" = 1 ] && exit 0
 echo "==> done in $(( ($(date +%s) - t_start) / 60 )) min: $PICOCHAT_HOME/report.md"
 echo "    talk to it: $PICO chat   or   $PICO serve"

@@ -101,8 +101,8 @@ def correct_texts(s: TaskSpec, items: list[dict], answer_offset: int = 0) -> lis
 
 
 def accuracy(model, s: TaskSpec, items: list[dict], **kwargs) -> float:
-    correct, total = core.evaluate_task(model, TOK, s, items, DEVICE, **kwargs)
-    return correct / total
+    counts = core.evaluate_task(model, TOK, s, items, DEVICE, **kwargs)
+    return counts.correct / counts.total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,10 +195,17 @@ def test_tokenize_spans_pick_the_scored_tokens():
     assert starts == [len(rows[0]) - 1] * 2
 
 
-def test_crop_left_keeps_the_end_and_shifts_the_span():
-    rows, starts, ends = core.crop_left([list(range(10)), list(range(4))], [6, 2], [10, 4], 5)
-    assert rows == [[5, 6, 7, 8, 9], [0, 1, 2, 3]]
-    assert starts == [1, 2] and ends == [5, 4]
+def test_fit_prompts_drops_shots_from_the_end_until_every_choice_fits():
+    s = spec("multiple_choice", 3)
+    item, shots = MC_ITEMS[0], MC_ITEMS[1:]
+    lengths = [max(len(r) for r in core.fit_prompts(TOK, s, item, shots[:k], None).rows) for k in range(4)]
+    assert lengths == sorted(lengths) and len(set(lengths)) == 4
+    assert core.fit_prompts(TOK, s, item, shots, lengths[3]).shots == 3  # exactly fits: nothing dropped
+    fitted = core.fit_prompts(TOK, s, item, shots, lengths[2])
+    assert fitted.shots == 2 and max(len(r) for r in fitted.rows) == lengths[2]
+    assert fitted.rows == core.fit_prompts(TOK, s, item, shots[:2], None).rows  # the first two kept, uncut
+    assert core.fit_prompts(TOK, s, item, shots, lengths[0]).shots == 0
+    assert core.fit_prompts(TOK, s, item, shots, lengths[0] - 1).shots is None  # even 0-shot is too long
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,24 +235,37 @@ def test_a_model_that_knows_the_answers_scores_1_and_one_that_does_not_scores_0(
     assert accuracy(uniform_model, spec(task_type, shots), items) <= 0.5
 
 
-def test_rigged_model_still_scores_1_with_prompts_cropped_to_the_context_length():
+def test_prompts_too_long_for_the_context_are_counted_never_cropped():
     s = spec("multiple_choice", 3)
-    known = correct_texts(s, MC_ITEMS)
+    zero_shot = spec("multiple_choice", 0)
+    # The model knows only the 0-shot prompts: it can be right only where every shot was dropped.
+    model = LookupModel(correct_texts(zero_shot, MC_ITEMS))
+    full = core.evaluate_task(model, TOK, s, MC_ITEMS, DEVICE)
+    assert full.fewer_shots == 0 and full.skipped == 0 and full.correct < 4
+    longest_0shot = max(len(TOK.encode(t, prepend=TOK.BOS)) for t in correct_texts(zero_shot, MC_ITEMS))
+    tight = core.evaluate_task(model, TOK, s, MC_ITEMS, DEVICE, max_seq_len=longest_0shot)
+    assert tight == (4, 4, 4, 0)  # every item fell back to 0 shots, and is then answered right
+    too_short = core.evaluate_task(model, TOK, s, MC_ITEMS, DEVICE, max_seq_len=longest_0shot - 1)
+    assert too_short.skipped >= 1 and too_short.total == 4 - too_short.skipped
 
-    def cropped_lookup(idx: torch.Tensor) -> torch.Tensor:
-        # Sees only the last 24 tokens; knows where they sit in the full known prompts.
-        full = [TOK.encode(t, prepend=TOK.BOS) for t in known]
-        logits = torch.zeros(*idx.shape, 257)
-        for b in range(idx.shape[0]):
-            row = idx[b].tolist()
-            for seq in full:
-                off = len(seq) - 24
-                if off > 0 and seq[off : off + len(row)] == row[: len(seq) - off]:
-                    for t in range(min(len(row), len(seq) - off) - 1):
-                        logits[b, t, seq[off + t + 1]] = 20.0
-        return logits
 
-    assert accuracy(cropped_lookup, s, MC_ITEMS, max_seq_len=24) == 1.0
+def test_evaluate_core_reports_dropped_shots_per_task_and_in_the_summary():
+    result = core.evaluate_core(
+        uniform_model,
+        TOK,
+        "cpu",
+        max_per_task=2,
+        tasks=["hellaswag_zeroshot", "copa", "bigbench_qa_wikidata"],
+        max_seq_len=160,
+    )
+    per_task = {label: (r["fewer_shots"], r["skipped"]) for label, r in result["tasks"].items()}
+    assert per_task["hellaswag_zeroshot"] == (0, per_task["hellaswag_zeroshot"][1])  # 0-shot: nothing to drop
+    assert per_task["bigbench_qa_wikidata"][0] > 0  # 10 shots of bytes do not fit in 160 tokens
+    assert result["fewer_shots"] == sum(f for f, _ in per_task.values()) > 0
+    assert f"{result['fewer_shots']} prompt(s) lost few-shot examples" in result["summary"]
+    assert "160-token context" in result["summary"]
+    table = core.format_core_table(result)
+    assert "fewer shots" in table and "skipped" in table and result["summary"] in table
 
 
 def test_uniform_model_is_at_chance_on_multiple_choice():
@@ -262,9 +282,9 @@ def test_items_are_split_between_ranks_without_overlap():
     s = spec("multiple_choice")
     model = LookupModel(correct_texts(s, MC_ITEMS[:2]))  # knows items 0 and 1 only
     shards = [core.evaluate_task(model, TOK, s, MC_ITEMS, DEVICE, rank=r, world_size=3) for r in range(3)]
-    assert [t for _, t in shards] == [2, 1, 1]
-    assert sum(c for c, _ in shards) == 2
-    assert core.evaluate_task(model, TOK, s, MC_ITEMS, DEVICE, max_per_task=3) == (2, 3)
+    assert [c.total for c in shards] == [2, 1, 1]
+    assert sum(c.correct for c in shards) == 2
+    assert core.evaluate_task(model, TOK, s, MC_ITEMS, DEVICE, max_per_task=3) == (2, 3, 0, 0)
 
 
 def test_evaluate_core_on_bundled_tasks():
@@ -280,7 +300,16 @@ def test_evaluate_core_on_bundled_tasks():
     assert result["tasks"]["copa"]["accuracy"] == 1.0 and result["tasks"]["copa"]["centered"] == 1.0
     assert result["tasks"]["winograd"]["centered"] == 1.0
     assert result["tasks"]["lambada_openai"] == pytest.approx(
-        {"accuracy": 0.0, "centered": 0.0, "baseline": 0.0, "n": 2, "type": "language_modeling", "shots": 0}
+        {
+            "accuracy": 0.0,
+            "centered": 0.0,
+            "baseline": 0.0,
+            "n": 2,
+            "type": "language_modeling",
+            "shots": 0,
+            "fewer_shots": 0,
+            "skipped": 0,
+        }
     )
     assert result["core"] == pytest.approx(2 / 3)
     assert result["summary"] == "CORE over 3/22 tasks (a selection); missing: squad, coqa"
@@ -291,10 +320,11 @@ def test_evaluate_core_on_bundled_tasks():
 def test_evaluate_core_full_quick_run_with_a_flat_model():
     result = core.evaluate_core(uniform_model, TOK, "cpu", max_per_task=1, max_seq_len=256)
     assert len(result["tasks"]) == 20 and result["missing"] == ["squad", "coqa"]
-    assert result["summary"] == "CORE over 20/22 tasks; missing: squad, coqa"
-    assert all(r["n"] == 1 for r in result["tasks"].values())
+    # One byte per token: a 256-token context is too short for many few-shot prompts, and says so.
+    assert result["summary"].startswith("CORE over 20/22 tasks; missing: squad, coqa; ")
+    assert all(r["n"] + r["skipped"] == 1 for r in result["tasks"].values())
     # Each centred accuracy is either 1 (a lucky tie-break) or -baseline/(1-baseline) (a miss).
-    for r in result["tasks"].values():
+    for r in (r for r in result["tasks"].values() if r["n"]):
         b = r["baseline"] / 100
         assert r["centered"] in (pytest.approx(1.0), pytest.approx(-b / (1 - b)))
     assert not math.isnan(result["core"])

@@ -426,7 +426,7 @@ def fake_hub(tmp_path, monkeypatch):
 
     files = {}
 
-    def download(repo_id, filename, repo_type=None):
+    def download(repo_id, filename, repo_type=None, endpoint=None):
         if (repo_id, filename) not in files:
             raise ConnectionError("no network")
         return files[(repo_id, filename)]

@@ -9,7 +9,9 @@ guessing" and 1 means perfect; CORE is the mean centred accuracy. Three kinds of
     continuation has the lowest mean loss;
   - language_modeling: the model's greedy output must reproduce the continuation token for token.
 Prompts are rendered like llm-foundry's (context + delimiter + continuation, few-shot examples first,
-separated by blank lines) and truncated from the left to the model's context length.
+separated by blank lines). A prompt is never cropped (that silently changes the task): one too long for
+the context drops few-shot examples from the end until it fits ("fewer shots"); an item too long with
+none is not scored ("skipped", not in `n`). Both counts are in every task's result and the summary.
 
 Everything comes from the bundled `data/eval/core/` (see data/SOURCES.md, section 1a): the task list
 is DCLM's `low_variance_datasets`, the per-task shots / type / delimiter come from `dclm_heavy.yaml`,
@@ -31,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -192,17 +194,26 @@ def tokenize_prompts(
     return rows, [len(r) - suffix for r in rows], [len(r) for r in rows]
 
 
-def crop_left(
-    rows: list[list[int]], starts: list[int], ends: list[int], max_len: int
-) -> tuple[list[list[int]], list[int], list[int]]:
-    """Keep the last max_len tokens of each row, shifting its scored span (which keeps >= 1 token)."""
-    out_rows, out_starts, out_ends = [], [], []
-    for row, s, e in zip(rows, starts, ends, strict=True):
-        cut = max(0, len(row) - max_len)
-        out_rows.append(row[cut:])
-        out_starts.append(max(1, s - cut))  # position 0 has no prediction before it
-        out_ends.append(e - cut)
-    return out_rows, out_starts, out_ends
+class Fitted(NamedTuple):
+    """An item's token rows fitted to the context, with the few-shot examples kept (None: skipped)."""
+
+    rows: list[list[int]]
+    starts: list[int]
+    ends: list[int]
+    shots: int | None
+
+
+def fit_prompts(
+    tokenizer: Any, spec: TaskSpec, item: dict, fewshot: Sequence[dict], max_len: int | None
+) -> Fitted:
+    """Tokenize the item with as many of its few-shot examples (a prefix of `fewshot`) as fit in
+    `max_len` tokens; every row of the item has to fit, since its choices are compared with each other."""
+    for shots in range(len(fewshot), -1, -1):
+        prompts = render_prompts(spec, item, fewshot[:shots])
+        rows, starts, ends = tokenize_prompts(tokenizer, spec.task_type, prompts)
+        if max_len is None or max(len(r) for r in rows) <= max_len:
+            return Fitted(rows, starts, ends, shots)
+    return Fitted(rows, starts, ends, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +250,15 @@ def score_example(
     return int(means.argmin().item()) == gold
 
 
+class TaskCounts(NamedTuple):
+    """Items right, scored, scored with fewer shots (to fit), and skipped (too long even with none)."""
+
+    correct: int
+    total: int
+    fewer_shots: int = 0
+    skipped: int = 0
+
+
 def evaluate_task(
     model: Model,
     tokenizer: Any,
@@ -250,22 +270,27 @@ def evaluate_task(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
-) -> tuple[int, int]:
-    """(correct, evaluated) over this rank's share of the first max_per_task items: every
-    world_size-th item from `rank` on. Few-shot examples are drawn from all of `data`."""
+) -> TaskCounts:
+    """Counts over this rank's share of the first max_per_task items: every world_size-th item from
+    `rank` on. Few-shot examples are drawn from all of `data`; see `fit_prompts` for long prompts."""
     n = len(data) if max_per_task is None else min(max_per_task, len(data))
     vocab_size = tokenizer.get_vocab_size()
     pad_id = tokenizer.get_bos_token_id()  # any id works: padding sits after every scored position
-    correct = total = 0
+    correct = total = fewer_shots = skipped = 0
     indices = range(rank, n, world_size)
     for idx in tqdm(indices, desc=spec.label, leave=False, disable=not progress):
-        rows, starts, ends = tokenize_prompts(tokenizer, spec.task_type, example_prompts(spec, data, idx))
-        if max_seq_len is not None:
-            rows, starts, ends = crop_left(rows, starts, ends, max_seq_len)
+        fewshot = fewshot_examples(data, idx, spec.num_fewshot)
+        fitted = fit_prompts(tokenizer, spec, data[idx], fewshot, max_seq_len)
+        if fitted.shots is None:
+            skipped += 1
+            continue
+        fewer_shots += fitted.shots < len(fewshot)
         gold = data[idx].get("gold", 0)
-        correct += score_example(model, rows, starts, ends, spec.task_type, gold, pad_id, vocab_size, device)
+        correct += score_example(
+            model, fitted.rows, fitted.starts, fitted.ends, spec.task_type, gold, pad_id, vocab_size, device
+        )
         total += 1
-    return correct, total
+    return TaskCounts(correct, total, fewer_shots, skipped)
 
 
 def centered_accuracy(accuracy: float, baseline_percent: float) -> float:
@@ -284,8 +309,9 @@ def evaluate_core(
 ) -> dict[str, Any]:
     """CORE of `model` over the bundled tasks (or the labels in `tasks`), split over all ranks.
 
-    Returns {"core", "tasks": {label: {accuracy, centered, baseline, n, ...}}, "covered", "missing",
-    "summary"}. max_seq_len defaults to model.config.sequence_len (prompts are cropped from the left).
+    Returns {"core", "tasks": {label: {accuracy, centered, baseline, n, fewer_shots, skipped, ...}},
+    "covered", "missing", "summary", "fewer_shots", "skipped"}. max_seq_len defaults to
+    model.config.sequence_len; prompts longer than it lose few-shot examples (see `fit_prompts`).
     Pass the plain model, not a torch.compile'd one: every prompt has a different length.
     """
     device = torch.device(device)
@@ -307,56 +333,62 @@ def evaluate_core(
         for spec in specs:
             data = load_examples(spec)
             with autocast_context(torch.device(device)):
+                share = dict(rank=rank, world_size=world_size, progress=rank == 0)
                 counts = evaluate_task(
-                    model,
-                    tokenizer,
-                    spec,
-                    data,
-                    device,
-                    max_per_task,
-                    max_seq_len,
-                    rank=rank,
-                    world_size=world_size,
-                    progress=rank == 0,
+                    model, tokenizer, spec, data, device, max_per_task, max_seq_len, **share
                 )
-            correct, total = _all_reduce_counts(counts, device, distributed)
-            accuracy = correct / max(total, 1)
+            counts = _all_reduce_counts(counts, device, distributed)
+            accuracy = counts.correct / max(counts.total, 1)
             results[spec.label] = {
                 "accuracy": accuracy,
                 "centered": centered_accuracy(accuracy, spec.baseline),
                 "baseline": spec.baseline,
-                "n": total,
+                "n": counts.total,
                 "type": spec.task_type,
                 "shots": spec.num_fewshot,
+                "fewer_shots": counts.fewer_shots,
+                "skipped": counts.skipped,
             }
     finally:
         if was_training:
             model.train()
     covered = list(results)
-    core = sum(r["centered"] for r in results.values()) / len(results) if results else float("nan")
+    scored = [r["centered"] for r in results.values() if r["n"]]  # a task whose every item was skipped
+    core = sum(scored) / len(scored) if scored else float("nan")  # has no accuracy to average
+    fewer_shots = sum(r["fewer_shots"] for r in results.values())
+    skipped = sum(r["skipped"] for r in results.values())
+    summary = coverage_summary(all_specs, None if tasks is None else covered)
+    if fewer_shots or skipped:
+        summary += f"; {fewer_shots} prompt(s) lost few-shot examples and {skipped} item(s) were skipped"
+        summary += f" to fit the {max_seq_len}-token context"
     return {
         "core": core,
         "tasks": results,
         "covered": covered,
         "missing": [s.label for s in all_specs if not s.available],
-        "summary": coverage_summary(all_specs, None if tasks is None else covered),
+        "summary": summary,
         "max_per_task": max_per_task,
+        "fewer_shots": fewer_shots,
+        "skipped": skipped,
     }
 
 
-def _all_reduce_counts(counts: tuple[int, int], device: torch.device, distributed: bool) -> tuple[int, int]:
+def _all_reduce_counts(counts: TaskCounts, device: torch.device, distributed: bool) -> TaskCounts:
     if not distributed:
         return counts
     t = torch.tensor(counts, dtype=torch.long, device=device)
     dist.all_reduce(t)
-    return int(t[0].item()), int(t[1].item())
+    return TaskCounts(*(int(v) for v in t.tolist()))
 
 
 def format_core_table(result: dict[str, Any]) -> str:
     """A plain-text table of per-task accuracy and centred accuracy, ending with the CORE line."""
-    lines = [f"{'task':<34} {'shots':>5} {'n':>6} {'accuracy':>9} {'centred':>9}"]
+    lines = [f"{'task':<34} {'shots':>5} {'n':>6} {'accuracy':>9} {'centred':>9} {'fewer shots':>11} skipped"]
     for label, r in result["tasks"].items():
-        lines.append(f"{label:<34} {r['shots']:>5} {r['n']:>6} {r['accuracy']:>9.4f} {r['centered']:>9.4f}")
+        lines.append(
+            f"{label:<34} {r['shots']:>5} {r['n']:>6} {r['accuracy']:>9.4f} {r['centered']:>9.4f} "
+            f"{r.get('fewer_shots', 0):>11} {r.get('skipped', 0):>7}"
+        )
     lines.append(f"{'CORE':<34} {'':>5} {'':>6} {'':>9} {result['core']:>9.4f}")
     lines.append(result["summary"])
     return "\n".join(lines)

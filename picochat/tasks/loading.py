@@ -1,5 +1,10 @@
 """Where task rows come from: the bundled copies in `data/`, or the Hugging Face hub when asked.
 
+Hub files are fetched with huggingface_hub's `hf_hub_download` into its cache (HF_HOME), so HF_ENDPOINT,
+HF_HUB_OFFLINE and HF_TOKEN work as everywhere in the Hugging Face tools. The real-scale datasets:
+SmolTalk (HuggingFaceTB/smol-smoltalk), MMLU auxiliary-train and test (cais/mmlu), GSM8K (openai/gsm8k),
+ARC (allenai/ai2_arc) and HumanEval (openai/openai_humaneval); each task module names its files.
+
 Tasks call these on first use (never in their constructor), and every file is read once per process
 and cached, so building a dozen task objects costs nothing until an example is actually requested.
 Cached rows are shared between tasks: treat them as read-only.
@@ -10,6 +15,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,6 +83,11 @@ class ParquetRows(Sequence):
         return self.table.slice(index % len(self), 1).to_pylist()[0]
 
 
+def hub_endpoint() -> str | None:
+    """HF_ENDPOINT read now (huggingface_hub reads it once, at import), None for the default hub."""
+    return os.environ.get("HF_ENDPOINT") or None
+
+
 @functools.cache
 def hub_rows(repo_id: str, filenames: tuple[str, ...]) -> ParquetRows:
     """Rows of parquet files in a Hugging Face dataset repository (downloaded once, then cached)."""
@@ -87,7 +98,7 @@ def hub_rows(repo_id: str, filenames: tuple[str, ...]) -> ParquetRows:
     paths = []
     for filename in filenames:
         try:
-            paths.append(hf_hub_download(repo_id, filename, repo_type="dataset"))
+            paths.append(hf_hub_download(repo_id, filename, repo_type="dataset", endpoint=hub_endpoint()))
         except Exception as e:  # offline, unknown file, HTTP error: all mean "no hub data here"
             raise PicochatError(
                 f"could not download {filename} of the dataset {repo_id} from the Hugging Face hub "

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Prove picochat's GPU path on one GPU and measure it, in at most ~8 minutes; ends with one table and one
+# JSON file (gpu_check.json) in OUT (default: $OUT, else ./gpu_check_out).
+#
+#   bash runs/gpu_check.sh          # on the GPU machine (no network): installs the wheels carried in .whl/
+#   bash runs/gpu_check.sh --dry    # the same steps, tiny, on the CPU (the test suite runs this)
+#
+# Steps: the GPU-relevant tests (model, engine), bench/train.py at depths 12 and 20 with torch.compile,
+# bench/infer.py, 100 steps of a depth-12 base run, 20 SFT steps, `picochat serve` answering the openai
+# client. Each step's log is kept in OUT; a failing step is recorded and the next one still runs.
+# The GPU image lacks rustbpe, fastapi, uvicorn and pydantic: `bash runs/gpu_wheels.sh` (here, with a
+# network) downloads them into .whl/ for Python 3.12 x86-64. A tokenizer trained here is carried in
+# .gpu_tokenizer/ (made by gpu_wheels.sh too); picochat itself runs from the source tree (PYTHONPATH).
+set -uo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+DRY=0
+[ "${1:-}" = "--dry" ] && DRY=1
+PY="${PYTHON:-python3}"
+OUT_DIR="${2:-${OUT:-$REPO/gpu_check_out}}"
+mkdir -p "$OUT_DIR"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PICOCHAT_HOME="${PICOCHAT_HOME:-$(mktemp -d)}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+STEPS="$OUT_DIR/steps.jsonl"
+: >"$STEPS"
+
+# check NAME CMD...: run one step with its log in OUT, record its status and seconds.
+check() {
+  local name="$1"; shift
+  local t0=$SECONDS
+  echo "==> $name: $*"
+  "$@" >"$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0))}" >>"$STEPS"
+  [ $rc = 0 ] || { echo "    failed (rc $rc); last lines:"; tail -5 "$OUT_DIR/$name.log"; }
+}
+
+if [ "$DRY" = 1 ]; then
+  DEVICE=cpu
+  TESTS=(tests/test_gpt.py -q -x -k "flops or kv_cache")
+  BENCH_TRAIN=(--depths 2 --seq-len 64 --device-batch-size 2 --total-batch-size 256 --vocab-size 512
+               --steps 1 --warmup-steps 0)
+  BENCH_INFER=(--depth 2 --width 64 --vocab 512 --prompt-tokens 16 --new-tokens 16)
+  BASE=(--depth 2 --max-seq-len 256 --device-batch-size 2 --total-batch-size 512 --num-iterations 3)
+  SFT=(--device-batch-size 2 --target-examples-per-step 2 --num-iterations 2 --eval-batches 1
+       --eval-metrics-examples 1)
+  "$PY" -m picochat.cli tokenizer train --vocab-size 512 --max-chars 200000 >"$OUT_DIR/tokenizer.log" 2>&1
+else
+  DEVICE=cuda
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install --quiet --no-deps --no-index .whl/*.whl || echo "warning: wheel install failed"
+  fi
+  mkdir -p "$PICOCHAT_HOME/tokenizer"
+  cp -r .gpu_tokenizer/. "$PICOCHAT_HOME/tokenizer/" 2>/dev/null || echo "warning: no .gpu_tokenizer/ carried"
+  TESTS=(tests/test_gpt.py tests/test_engine.py -q -x)
+  BENCH_TRAIN=(--depths 12 20 --seq-len 2048 --device-batch-size 16 --total-batch-size 65536 --compile
+               --steps 5 --warmup-steps 2)
+  BENCH_INFER=()
+  BASE=(--depth 12 --max-seq-len 2048 --device-batch-size 16 --total-batch-size 262144 --num-iterations 100)
+  SFT=(--device-batch-size 16 --num-iterations 20)
+fi
+
+check tests "$PY" -m pytest "${TESTS[@]}"
+check bench_train "$PY" bench/train.py "${BENCH_TRAIN[@]}"
+check bench_infer "$PY" bench/infer.py "${BENCH_INFER[@]}"
+check base "$PY" -m picochat.train.base "${BASE[@]}" --device-type "$DEVICE" --eval-every 0 --sample-every 0 \
+  --save-every 0 --eval-tokens 1024 --overwrite
+check sft "$PY" -m picochat.train.sft -i base "${SFT[@]}" --device-type "$DEVICE" --eval-every 0 --overwrite
+PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+"$PY" -m picochat.serve.app --stage sft --port "$PORT" --device-type "$DEVICE" >"$OUT_DIR/serve_server.log" 2>&1 &
+SERVER_PID=$!
+trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
+check serve "$PY" runs/gpu_check_client.py "http://127.0.0.1:$PORT/v1"
+kill "$SERVER_PID" 2>/dev/null || true
+"$PY" runs/gpu_check_summary.py "$OUT_DIR"
