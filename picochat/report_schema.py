@@ -75,7 +75,7 @@ _CHAT_TRAIN = _fields(
 # The record types, keyed by section name.
 SECTION_TYPES: dict[str, dict[str, Field]] = {
     "header": _fields("start_unix system", start_unix=SECONDS, system=JSON),
-    "download": _fields("shards bytes", base_url=TEXT, dest=PATH, shards=COUNT, bytes=COUNT),
+    "download": _fields("shards bytes", source=TEXT, base_url=TEXT, dest=PATH, shards=COUNT, bytes=COUNT),
     "tokenizer": _fields(
         "vocab_size",
         vocab_size=COUNT, requested_vocab_size=COUNT, num_special_tokens=COUNT, source=TEXT, max_chars=COUNT,
