@@ -16,6 +16,7 @@ import torch
 from picochat.checkpoint import STAGES
 from picochat.common import PicochatError, run_cli
 from picochat.engine import Engine, ReplyText, context_notice, fit_conversation, load_engine, prompt_budget
+from picochat.sampling import SamplingParams
 
 DIM, RESET = "\033[2m", "\033[0m"
 LABELS = {"python": " [python] ", "python_output": " -> "}  # shown before a tool call and its output
@@ -57,6 +58,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The SamplingParams of the flags; a PicochatError naming the bad flag."""
+    try:
+        return SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise PicochatError(f"bad sampling flag: {e}; see picochat chat --help") from None
+
+
 class Chat:
     """One conversation: renders it, fits it into the context, streams each reply to `out`."""
 
@@ -81,18 +96,11 @@ class Chat:
         parts: list[dict[str, str]] = []
         text = ReplyText(self.engine.tokenizer)
         finish = None
-        for (step,) in self.engine.stream(
-            tokens,
-            max_tokens=self.args.max_tokens,
-            temperature=self.args.temperature,
-            top_k=self.args.top_k or None,
-            top_p=self.args.top_p,
-            seed=self.args.seed,
-        ):
-            for kind, piece in text.feed(step.token, step.kind):
+        for (step,) in self.engine.stream(tokens, params=sampling_params(self.args)):
+            for kind, piece, _ in text.feed(step.token, step.kind):
                 self._show(kind, piece, parts)
             finish = step.finish_reason
-        for kind, piece in text.flush():
+        for kind, piece, _ in text.flush():
             self._show(kind, piece, parts)
         self.out.write((RESET if self.dim else "") + "\n")
         if finish == "length":
@@ -117,8 +125,9 @@ class Chat:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1:
-        raise PicochatError("need --temperature >= 0, 0 < --top-p <= 1 and --max-tokens >= 1")
+    sampling_params(args)  # refuse bad flags before loading the model
+    if args.max_tokens < 1:
+        raise PicochatError("need --max-tokens >= 1")
     engine, _ = load_engine(args.stage, args.model_tag, args.step, args.device_type)
     torch.set_grad_enabled(False)
     chat = Chat(engine, args, sys.stdout)

@@ -103,7 +103,7 @@ def parse_chat_request(raw: bytes, limits: Limits, max_context: int) -> ChatRequ
         max_tokens = _number(
             body, "max_tokens", min(limits.default_max_tokens, token_cap), 1, token_cap, integer=True
         )
-    defaults = SamplingParams()
+    defaults = SamplingParams(temperature=0.8, top_k=50)  # the server's own defaults
     params = SamplingParams(
         temperature=_number(body, "temperature", defaults.temperature, 0.0, 2.0),
         top_p=_number(body, "top_p", defaults.top_p, 0.0, 1.0, low_open=True),
