@@ -211,7 +211,13 @@ def main() -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes")
     p.add_argument("--only", choices=["train", "infer"], default=None, help="run only one half")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here (for the docs)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="rewrite the table between the peer markers of this file (docs/performance.md)",
+    )
     args = p.parse_args()
     nano_python = args.nanochat_python or str(args.nanochat / ".venv" / "bin" / "python")
     if not Path(nano_python).exists():
@@ -240,7 +246,32 @@ def main() -> int:
         print_row(name, results[name])
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    if args.markdown:
+        write_markdown(args.markdown, results, " ".join(sys.argv[1:]))
     return 0
+
+
+MARKERS = ("<!-- peer:start -->", "<!-- peer:end -->")
+
+
+def write_markdown(path: Path, results: dict[str, dict[str, dict[str, float]]], argv: str) -> None:
+    """Replace the text between MARKERS in `path` by a table of the results (atomically)."""
+    text = path.read_text()
+    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
+    lines = [
+        "",
+        f"`bench/peer.py {argv}`, {time.strftime('%Y-%m-%d')}, medians of interleaved runs:",
+        "",
+        "| workload | measure | picochat | nanochat | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        for key, ours in result["picochat"].items():
+            theirs = result["nanochat"][key]
+            lines.append(f"| {name} | {key} | {ours:,.1f} | {theirs:,.1f} | {ours / theirs:.2f}x |")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text[:start] + "\n".join(lines) + "\n" + text[end:])
+    os.replace(tmp, path)
 
 
 LOWER_IS_BETTER = {"ttft_ms", "peak_rss_gb"}
