@@ -152,7 +152,7 @@ def train_worker(side: str, depth: int, steps: int) -> dict:
     for _ in range(steps + 1):  # the first step is a warm-up
         t0 = time.perf_counter()
         for batch in data:
-            loss = model(batch[:, :-1], batch[:, 1:])
+            loss = model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for opt in optimizers:
