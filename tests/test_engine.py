@@ -272,3 +272,21 @@ def test_chat_shows_tool_calls_and_dropped_turns(tok, capsys):
         chat.reply("What is 2+3? " * 3)
     assert "dropped or shortened" in capsys.readouterr().err
     assert len(tok.render_for_completion({"messages": chat.messages[:-1]})) <= prompt_budget(64, 20)
+
+
+@pytest.mark.parametrize(
+    "flags", [["-t", "nan"], ["-t", "inf"], ["-t", "-1"], ["-k", "-5"], ["--top-p", "0"]]
+)
+def test_chat_refuses_bad_sampling_flags_in_one_line(flags, tmp_path, monkeypatch):
+    from picochat.chat import main
+    from picochat.common import PicochatError
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    with pytest.raises(PicochatError, match="bad sampling flag"):
+        main(["-p", "hi", *flags])
+
+
+def test_chat_treats_a_tiny_temperature_as_greedy():
+    from picochat.chat import build_parser, sampling_params
+
+    assert sampling_params(build_parser().parse_args(["-t", "1e-38"])).temperature == 0.0
