@@ -357,7 +357,8 @@ class ContinuousBatchingBackend:
         if request is not None:
             request.send(RuntimeError(f"generation failed: {error}"))
             request.cancelled = True
-            self.slots[slot] = None
+            with self._lock:
+                self.slots[slot] = None
 
     def _admit(self, slot: int, request: _Request) -> None:
         self.sampler.assign(slot, request.params)  # ValueError for a bias outside the vocabulary
