@@ -123,19 +123,11 @@ class Chat:
         parts: list[dict[str, str]] = []
         text = ReplyText(self.engine.tokenizer)
         finish = None
-        p = self.params
-        for (step,) in self.engine.stream(
-            tokens,
-            max_tokens=p.max_tokens,
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            seed=p.seed,
-        ):
-            for kind, piece in text.feed(step.token, step.kind):
+        for (step,) in self.engine.stream(tokens, params=self.params):
+            for kind, piece, _ in text.feed(step.token, step.kind):
                 self._show(kind, piece, parts)
             finish = step.finish_reason
-        for kind, piece in text.flush():
+        for kind, piece, _ in text.flush():
             self._show(kind, piece, parts)
         self.out.write((RESET if self.dim else "") + "\n")
         if finish == "length":

@@ -1,19 +1,23 @@
 """Inference: sample replies from a GPT with a KV cache, with calculator tool calls mid-reply.
 
-`Engine(model, tokenizer).generate(tokens, num_samples, ...)` prefills the prompt once (batch 1), copies
-its KV cache into `num_samples` rows and decodes them together, one token per row per step, streaming
-`(token, mask)` per row. The decode step is kept lean because on a small model it is dominated by
-per-step overhead, not arithmetic: the KV cache is preallocated (`picochat.gpt.KVCache`, written in
-place), the model's rotary tables are precomputed, everything runs under `torch.inference_mode`, top-k
-sampling never sorts the whole vocabulary, and the Python work per step is one short loop over rows.
+`Engine(model, tokenizer).generate(tokens, num_samples, params)` prefills the prompt once (batch 1),
+copies its KV cache into `num_samples` rows and decodes them together, one token per row per step,
+streaming `(token, mask)` per row; `params` is a `picochat.sampling.SamplingParams`. The decode step is
+kept lean because on a small model it is dominated by per-step overhead, not arithmetic: the KV cache
+is preallocated (`picochat.gpt.KVCache`, written in place), logits are computed for the last position
+only, the model's rotary tables are precomputed, everything runs under `torch.inference_mode`, sampling
+is one batched `picochat.sampling.BatchSampler` call, and the Python work per step is one short loop
+over rows.
 
 The pieces shared with the continuous-batching server (picochat/serve/batching.py):
-  - `sample_next_token`: temperature (0 = greedy), top-k, top-p, an optional torch.Generator;
   - `RowState`: the per-row state machine: forced tokens, tool calls, stop tokens, the token budget.
     When a row writes `<|python_start|>code<|python_end|>`, the code is run with the calculator and
     `<|output_start|>result<|output_end|>` is force-fed into that row (streamed with mask 0) before it
-    continues. A row stops at `<|assistant_end|>` or `<|bos|>` ("stop") or at its budget ("length");
+    continues. A row stops at `<|assistant_end|>` or `<|bos|>` ("stop") or at its budget ("length").
+    With `chat=False` (plain completion of raw text) only `<|bos|>` stops it and there are no tools;
   - `ReplyText`: turns a row's tokens into text pieces of kind "text" | "python" | "python_output";
+  - `Engine.last_logits` / `Engine.prefill`: one forward pass appending tokens to a cache, prompts in
+    chunks of `PREFILL_CHUNK` tokens;
   - `fit_conversation` / `prompt_budget`: keep long chats inside the model's context by dropping the
     oldest turns (never the system prompt).
 """
@@ -21,62 +25,24 @@ The pieces shared with the continuous-batching server (picochat/serve/batching.p
 from __future__ import annotations
 
 import contextlib
+import random
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from picochat.common import PicochatError, autodetect_device_type, get_base_dir
 from picochat.execution import run_calculator
 from picochat.gpt import KVCache
+from picochat.sampling import BatchSampler, SamplingParams
 
 Kind = Literal["text", "python", "python_output"]
 FinishReason = Literal["stop", "length"]
-
-# ---------------------------------------------------------------------------------------------
-# Sampling
-
-
-def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
-    """A torch.Generator seeded with `seed` on `device`, or None (the global RNG) when seed is None."""
-    if seed is None:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed % 2**64)  # accepts the negative seeds the API allows
-    return generator
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The next token of each row of `logits` (B, V) -> (B,) long.
-
-    temperature 0 is greedy (argmax). top_k keeps the k most likely tokens (a partial selection, not a
-    sort of the whole vocabulary); top_p then keeps the smallest set of them whose probability reaches
-    top_p (always at least the most likely token).
-    """
-    if temperature == 0.0:
-        return logits.max(dim=-1).indices  # the first maximum, like argmax, but ~3x faster on CPU
-    candidates = None
-    if top_k and top_k < logits.size(-1):
-        logits, candidates = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
-    if top_p < 1.0:
-        if candidates is None:
-            logits, candidates = torch.sort(logits, dim=-1, descending=True)
-        probs = F.softmax(logits / temperature, dim=-1)
-        beyond = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches top_p
-        logits = logits.masked_fill(beyond, float("-inf"))
-    probs = F.softmax(logits / temperature, dim=-1)
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
-
+PREFILL_CHUNK = 256  # prompt tokens per forward pass: bounds the attention's memory and, in the
+# server, how long a long prompt holds up the other streams' next token
+GREEDY = SamplingParams(temperature=0.0)
 
 # ---------------------------------------------------------------------------------------------
 # The per-row state machine: forced tokens, tool calls, stopping
@@ -131,8 +97,8 @@ class RowState:
     output is queued as forced tokens. The row finishes at a stop token or after `max_tokens` tokens.
     """
 
-    def __init__(self, tokens: ChatTokens, max_tokens: int) -> None:
-        self.tokens, self.max_tokens = tokens, max_tokens
+    def __init__(self, tokens: ChatTokens, max_tokens: int, chat: bool = True) -> None:
+        self.tokens, self.max_tokens, self.chat = tokens, max_tokens, chat
         self.forced: deque[int] = deque()
         self.block: Kind | None = None  # inside <|python_start|>... ("python") or <|output_start|>...
         self.code: list[int] = []
@@ -149,6 +115,11 @@ class RowState:
 
     def _observe(self, token: int) -> Kind | None:
         t = self.tokens
+        if not self.chat:  # plain text: everything is text, only <|bos|> (a new document) ends it
+            if token == t.bos:
+                self.finish_reason = "stop"
+                return None
+            return "text"
         if token == t.assistant_end or token == t.bos:
             self.finish_reason = "stop"
         elif token == t.python_start:
@@ -167,9 +138,17 @@ class RowState:
         return None
 
 
+class Piece(NamedTuple):
+    """Text of one kind, made of the `tokens` last tokens fed to a `ReplyText`."""
+
+    kind: Kind
+    text: str
+    tokens: int
+
+
 class ReplyText:
-    """Turns one row's steps into (kind, text) pieces for display, never splitting a UTF-8 character
-    (a byte-level BPE token can hold half of one: such tokens wait for the rest)."""
+    """Turns one row's steps into `Piece`s (kind, text, token count) for display, never splitting a
+    UTF-8 character (a byte-level BPE token can hold half of one: such tokens wait for the rest)."""
 
     MAX_PENDING = 8  # give up waiting for the rest of a character after this many tokens
 
@@ -178,22 +157,22 @@ class ReplyText:
         self.kind: Kind | None = None
         self.pending: list[int] = []
 
-    def feed(self, token: int, kind: Kind | None) -> list[tuple[Kind, str]]:
+    def feed(self, token: int, kind: Kind | None) -> list[Piece]:
         pieces = self.flush() if kind != self.kind else []
         self.kind = kind
         if kind is not None:
             self.pending.append(token)
             text = self.tokenizer.decode(self.pending)
             if not text.endswith("\ufffd") or len(self.pending) >= self.MAX_PENDING:
-                pieces.append((kind, text))
+                pieces.append(Piece(kind, text, len(self.pending)))
                 self.pending = []
         return pieces
 
-    def flush(self) -> list[tuple[Kind, str]]:
+    def flush(self) -> list[Piece]:
         """Whatever is still pending (call at the end of the reply)."""
         if not self.pending:
             return []
-        piece = (self.kind, self.tokenizer.decode(self.pending))
+        piece = Piece(self.kind, self.tokenizer.decode(self.pending), len(self.pending))
         self.pending = []
         return [piece]
 
@@ -212,20 +191,26 @@ class Engine:
         self.tokenizer = tokenizer
         self.tokens = ChatTokens.from_tokenizer(tokenizer, tool)
         self.device = model.lm_head.weight.device
+        self.vocab_size = model.config.vocab_size
         self.max_context = model.config.sequence_len  # prompt + reply tokens the model was trained on
 
     def last_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Append `ids` (B, T) to `cache` and return the logits (B, V) of each row's last token."""
+        """Append `ids` (B, T) to `cache` and return the logits (B, V) of each row's last token (the
+        lm_head runs on that position only: for a prompt, the other positions' logits would cost more
+        than the whole rest of the model)."""
         # bf16 on GPU, as in training (a fresh context each call: autocast objects are not reentrant)
         cuda = self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
-            return self.model(ids, kv_cache=cache)[:, -1]
+            return self.model(ids, kv_cache=cache, last_only=True)[:, -1]
 
     def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, KVCache]:
-        """Run a prompt through the model once: its last logits (1, V) and a 1-row cache holding it."""
+        """Run a prompt through the model, PREFILL_CHUNK tokens at a time: its last logits (1, V) and a
+        1-row cache holding it."""
         cache = KVCache.for_model(self.model, 1, len(tokens))
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        return self.last_logits(ids, cache), cache
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[start : start + PREFILL_CHUNK]
+            logits = self.last_logits(torch.tensor([chunk], dtype=torch.long, device=self.device), cache)
+        return logits, cache
 
     def reply_budget(self, prompt_len: int, max_tokens: int | None) -> int:
         """How many tokens a reply to a `prompt_len`-token prompt may have: max_tokens, cut at the context."""
@@ -239,30 +224,31 @@ class Engine:
 
     @torch.inference_mode()
     def stream(
-        self,
-        tokens: list[int],
-        num_samples: int = 1,
-        max_tokens: int | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        seed: int | None = None,
+        self, tokens: list[int], num_samples: int = 1, params: SamplingParams = GREEDY
     ) -> Iterator[list[Step | None]]:
         """Like `generate`, but each row's entry is a full `Step` (token, mask, kind, finish_reason)."""
-        budget = self.reply_budget(len(tokens), max_tokens)
+        budget = self.reply_budget(len(tokens), params.max_tokens)
         if budget == 0:
             return
-        generator = make_generator(seed, self.device)
+        if not tokens:
+            raise ValueError("the prompt is empty; give at least one token (e.g. <|bos|>)")
+        sampler = BatchSampler(num_samples, self.vocab_size, self.device)
+        rng = random.Random(params.seed)  # one stream of random numbers for all rows: reproducible
+        slots = list(range(num_samples))
+        for slot in slots:
+            sampler.assign(slot, params, rng)
         logits, prompt_cache = self.prefill(tokens)
         cache = KVCache.for_model(self.model, num_samples, len(tokens) + budget - 1)
         cache.insert_prefill(prompt_cache)  # one prefill, shared by every row
         logits = logits.expand(num_samples, -1)
-        rows = [RowState(self.tokens, budget) for _ in range(num_samples)]
+        rows = [RowState(self.tokens, budget) for _ in slots]
         while True:
-            sampled = sample_next_token(logits, temperature, top_k, top_p, generator).tolist()
-            steps = [
-                None if row.finish_reason else row.next_token(s) for row, s in zip(rows, sampled, strict=True)
-            ]
+            live = [i for i in slots if not rows[i].finish_reason]
+            sampled, _ = sampler.sample(logits if len(live) == num_samples else logits[live], live)
+            steps: list[Step | None] = [None] * num_samples
+            for i, token in zip(live, sampled, strict=True):
+                steps[i] = rows[i].next_token(token)
+            sampler.observe(live, [steps[i].token for i in live])
             yield steps
             if all(row.finish_reason for row in rows):
                 return
@@ -270,40 +256,26 @@ class Engine:
             logits = self.last_logits(torch.tensor(ids, dtype=torch.long, device=self.device), cache)
 
     def generate(
-        self,
-        tokens: list[int],
-        num_samples: int = 1,
-        max_tokens: int | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        seed: int | None = None,
+        self, tokens: list[int], num_samples: int = 1, params: SamplingParams = GREEDY
     ) -> Iterator[list[tuple[int, int] | None]]:
         """Sample `num_samples` continuations of `tokens`, streaming: each step yields one entry per row,
         `(token, mask)` (mask 0 for forced tool-output tokens), or None for a row that already finished.
 
         A row's last token is its stop token (`<|assistant_end|>` / `<|bos|>`), unless it ran out of
-        tokens: `max_tokens` (None = up to the end of the model's context). temperature 0 is greedy;
-        `seed` makes sampling reproducible.
+        tokens: `params.max_tokens` (None = up to the end of the model's context). The default params
+        are greedy; `params.seed` makes sampling reproducible.
         """
-        for steps in self.stream(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
+        for steps in self.stream(tokens, num_samples, params):
             yield [None if step is None else (step.token, step.mask) for step in steps]
 
     def generate_batch(
-        self,
-        tokens: list[int],
-        num_samples: int = 1,
-        max_tokens: int | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        seed: int | None = None,
+        self, tokens: list[int], num_samples: int = 1, params: SamplingParams = GREEDY
     ) -> tuple[list[list[int]], list[list[int]]]:
         """Generate without streaming: (sequences, masks) per row, each sequence the prompt followed by
         the reply without its stop token; masks are 0 on the prompt and on forced tokens."""
         sequences = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
-        for steps in self.stream(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
+        for steps in self.stream(tokens, num_samples, params):
             for sequence, mask, step in zip(sequences, masks, steps, strict=True):
                 if step is not None and step.finish_reason != "stop":
                     sequence.append(step.token)

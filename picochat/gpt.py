@@ -369,8 +369,11 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         loss_reduction: str = "mean",
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32, or with `targets` (B, T) the cross-entropy loss.
+
+        `last_only` (inference): logits (B, 1, vocab) of the last position only.
 
         Targets equal to -1 are ignored (masked chat training). loss_reduction: "mean" (over counted
         tokens), "sum", or "none" (per-token losses (B, T), 0 at ignored tokens). With a `kv_cache`
@@ -395,6 +398,8 @@ class GPT(nn.Module):
         x = norm(x, self.config.norm_eps)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if last_only and targets is None:
+            x = x[:, -1:]
         return self._logits(x) if targets is None else self._loss(x, targets, loss_reduction)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

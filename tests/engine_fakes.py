@@ -58,8 +58,8 @@ class ScriptedGPT(GPT):
         super().__init__(config)
         self.start, self.script = start, script
 
-    def forward(self, idx: torch.Tensor, targets=None, kv_cache=None, loss_reduction: str = "mean"):
-        logits = super().forward(idx, targets, kv_cache, loss_reduction)
+    def forward(self, idx: torch.Tensor, targets=None, kv_cache=None, loss_reduction: str = "mean", **kw):
+        logits = super().forward(idx, targets, kv_cache, loss_reduction, **kw)
         lengths = kv_cache.pos.tolist() if kv_cache is not None else [idx.size(1)] * idx.size(0)
         for row, length in enumerate(lengths):
             i = length - self.start  # the next token is the i-th of the reply

@@ -104,9 +104,7 @@ def test_concurrent_replies_equal_replies_run_alone(tok):
         assert last_a == last_b and last_a.finish_reason == "length"
     assert max(sizes) == 4  # four rows decoded together; the fifth joined when a slot freed up
     engine = Engine(model, tok)
-    expected, _ = engine.generate_batch(
-        tok.render_for_completion({"messages": user("hi")}), max_tokens=30, temperature=0
-    )
+    expected, _ = engine.generate_batch(tok.render_for_completion({"messages": user("hi")}), params=GREEDY)
     assert together[0][0] == tok.decode(expected[0][-30:])  # and the same as the engine's own decoding
 
 
@@ -278,3 +276,129 @@ def test_from_checkpoint_serves_a_saved_model(tok, tmp_path, monkeypatch):
 
     loaded, fresh = asyncio.run(main())
     assert loaded == fresh
+
+
+def boom_tool(code: str) -> str:
+    raise RuntimeError(f"the tool exploded on {code!r}")
+
+
+@pytest.mark.parametrize("attack", ["tiny_temperature", "raising_tool", "bad_logit_bias"])
+def test_an_attacker_request_cannot_break_a_victim_stream(tok, attack):
+    """A victim stream runs next to an attacker whose row overflows (temperature 1e-38), raises (its
+    tool call) or carries a bad setting; the victim's reply is exactly what it is alone."""
+    attacker_messages = user("What is 2+3?")
+    start = len(tok.render_for_completion({"messages": attacker_messages}))
+    script = [
+        tok.encode_special("<|python_start|>"),
+        *tok.encode("2+3"),
+        tok.encode_special("<|python_end|>"),
+    ]
+    model = model_for(tok, slow=0.002, cls=ScriptedGPT, start=start, script=script)
+    victim = user("How are you today? I am fine, thank you. " * 2)  # positions past the script's
+    attacker = SamplingParams(temperature=0.9, max_tokens=40)
+    if attack == "tiny_temperature":
+        attacker = SamplingParams(temperature=1e-38, max_tokens=40)
+    elif attack == "bad_logit_bias":
+        attacker = SamplingParams(logit_bias=((10**6, 5.0),), max_tokens=40)
+    victim_params = SamplingParams(temperature=0.8, top_k=20, seed=5, max_tokens=60)
+
+    async def main():
+        tool = boom_tool if attack == "raising_tool" else (lambda code: "5")
+        backend = ContinuousBatchingBackend(Engine(model, tok, tool=tool), "tiny", max_batch_size=4)
+        alone = await reply(backend, victim, victim_params)
+        victim_task = asyncio.create_task(reply(backend, victim, victim_params))
+        attacker_outcome = await asyncio.gather(
+            reply(backend, attacker_messages, attacker), return_exceptions=True
+        )
+        together = await victim_task
+        after = await reply(backend, victim, victim_params)  # the server still serves
+        await backend.stop()
+        return alone, together, after, attacker_outcome[0]
+
+    alone, together, after, outcome = asyncio.run(main())
+    assert together == alone == after and together[1].finish_reason == "length"
+    if attack == "tiny_temperature":  # treated as greedy: it completes too
+        text, last = outcome
+        assert last.finish_reason == "length" and "5" in text
+    elif attack == "raising_tool":
+        assert isinstance(outcome, RuntimeError) and "exploded" in str(outcome)
+    else:
+        assert isinstance(outcome, RuntimeError) and "outside the vocabulary" in str(outcome)
+
+
+def test_logprobs_ride_on_the_deltas_that_carry_their_text(tok):
+    model = model_for(tok)
+    params = SamplingParams(temperature=0.0, max_tokens=20, logprobs=True, top_logprobs=3)
+
+    async def main():
+        backend = backend_for(model, tok)
+        deltas: list[Delta] = []
+        text, _ = await reply(backend, user("hi"), params, deltas)
+        plain, _ = await reply(backend, user("hi"), dataclasses.replace(params, logprobs=False))
+        await backend.stop()
+        return text, plain, deltas
+
+    text, plain, deltas = asyncio.run(main())
+    assert text == plain
+    carried = [lp for d in deltas for lp in d.logprobs]
+    assert len(carried) == 20
+    for d in deltas:  # each delta's tokens spell its text (a token alone may hold half a character)
+        assert bytes(b for lp in d.logprobs for b in lp.bytes).decode(errors="replace") == d.text
+    for lp in carried:  # greedy: the chosen token is the most likely one
+        assert len(lp.top) == 3 and lp.top[0].token == lp.token
+        assert lp.logprob == pytest.approx(lp.top[0].logprob) and lp.logprob <= 0
+
+
+def test_complete_continues_raw_tokens_and_score_reads_the_prompt(tok):
+    model = model_for(tok)
+    prompt = tok.encode("The quick brown fox", prepend=tok.get_bos_token_id())
+
+    async def main():
+        backend = backend_for(model, tok)
+        pieces = [d async for d in backend.complete(prompt, SamplingParams(temperature=0.0, max_tokens=15))]
+        scores = await backend.score(prompt, top_logprobs=2)
+        await backend.stop()
+        return pieces, scores
+
+    pieces, scores = asyncio.run(main())
+    from engine_fakes import naive_greedy
+
+    assert "".join(d.text for d in pieces) == tok.decode(naive_greedy(model, prompt, 15))
+    assert pieces[-1].finish_reason == "length" and pieces[-1].completion_tokens == 15
+    logp = torch.log_softmax(model(torch.tensor([prompt]))[0], -1)
+    assert scores[0] is None and len(scores) == len(prompt)
+    for i, score in enumerate(scores[1:], start=1):
+        assert score.logprob == pytest.approx(logp[i - 1, prompt[i]].item(), abs=1e-4)
+        assert len(score.top) == 2 and score.top[0].logprob >= score.top[1].logprob
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tok, monkeypatch):
+    import picochat.serve.batching as batching
+
+    monkeypatch.setattr(batching, "PREFILL_CHUNK", 8)
+    model = model_for(tok, slow=0.002)
+    shapes: list[tuple[int, int]] = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    long_question = user("How are you today? I am fine, thank you. " * 3)
+
+    async def main():
+        backend = backend_for(model, tok, max_batch_size=2)
+        alone = await reply(backend, long_question)
+        deltas: list[Delta] = []
+        first = asyncio.create_task(
+            reply(backend, user("hi"), SamplingParams(temperature=0.0, max_tokens=60), deltas)
+        )
+        while sum(bool(d.text) for d in deltas) < 3:
+            await asyncio.sleep(0.002)
+        shapes.clear()
+        joined = await reply(backend, long_question)
+        await first
+        await backend.stop()
+        return alone, joined
+
+    alone, joined = asyncio.run(main())
+    assert joined == alone
+    prefills = [i for i, (_, t) in enumerate(shapes) if t > 1]
+    assert all(shapes[i][1] <= 8 for i in prefills) and len(prefills) > 3
+    decodes_between = [shape for shape in shapes[prefills[0] : prefills[-1]] if shape[1] == 1]
+    assert len(decodes_between) >= len(prefills) - 1  # the running stream kept decoding meanwhile

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from engine_fakes import ScriptedGPT, naive_greedy, tiny_model, tiny_tokenizer
 
 from picochat.checkpoint import checkpoint_dir_for, save_checkpoint
@@ -19,8 +18,8 @@ from picochat.engine import (
     RowState,
     fit_conversation,
     prompt_budget,
-    sample_next_token,
 )
+from picochat.sampling import SamplingParams as P
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,7 @@ def sp(tok, name: str) -> int:
 def test_greedy_with_cache_equals_full_forward_token_for_token(tok, model):
     tokens = prompt(tok)
     expected = naive_greedy(model, tokens, 40)
-    sequences, masks = Engine(model, tok).generate_batch(tokens, num_samples=3, max_tokens=40, temperature=0)
+    sequences, masks = Engine(model, tok).generate_batch(tokens, 3, params=P(max_tokens=40, temperature=0))
     for sequence, mask in zip(sequences, masks, strict=True):
         assert sequence == tokens + expected
         assert mask == [0] * len(tokens) + [1] * 40
@@ -59,39 +58,22 @@ def test_samples_share_one_prefill_differ_and_reproduce_with_a_seed(tok, model):
         lambda module, args, kwargs: lengths.append(args[0].shape), with_kwargs=True
     )
     try:
-        first, _ = engine.generate_batch(tokens, num_samples=4, max_tokens=20, temperature=1.0, seed=7)
+        first, _ = engine.generate_batch(tokens, 4, params=P(max_tokens=20, temperature=1.0, seed=7))
     finally:
         hook.remove()
     assert lengths[0] == (1, len(tokens))  # the prompt is run once, for all rows...
     assert all(shape == (4, 1) for shape in lengths[1:])  # ...then the 4 rows decode together
     assert len({tuple(s) for s in first}) == 4  # temperature 1: the rows differ
-    again, _ = engine.generate_batch(tokens, num_samples=4, max_tokens=20, temperature=1.0, seed=7)
-    other, _ = engine.generate_batch(tokens, num_samples=4, max_tokens=20, temperature=1.0, seed=8)
+    again, _ = engine.generate_batch(tokens, 4, params=P(max_tokens=20, temperature=1.0, seed=7))
+    other, _ = engine.generate_batch(tokens, 4, params=P(max_tokens=20, temperature=1.0, seed=8))
     assert again == first
     assert other != first
 
 
 def test_streaming_yields_one_entry_per_row_per_step(tok, model):
-    steps = list(Engine(model, tok).generate(prompt(tok), num_samples=2, max_tokens=5, temperature=0))
+    steps = list(Engine(model, tok).generate(prompt(tok), 2, params=P(max_tokens=5, temperature=0)))
     assert len(steps) == 5
     assert all(len(step) == 2 and all(isinstance(t, int) and m == 1 for t, m in step) for step in steps)
-
-
-def test_sampling_filters():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 50, generator=gen)
-    top = logits.argmax(-1)
-    assert torch.equal(sample_next_token(logits, temperature=0.0), top)
-    assert torch.equal(sample_next_token(logits, 1.0, top_k=1, generator=gen), top)
-    assert torch.equal(sample_next_token(logits, 1.0, top_p=1e-6, generator=gen), top)
-    top3 = logits.topk(3).indices
-    for _ in range(20):
-        picked = sample_next_token(logits, 2.0, top_k=3, generator=gen)
-        assert (top3 == picked[:, None]).any(-1).all()
-    # top_p: probabilities (0.71, 0.10, 0.10, 0.10): 0.5 keeps only the first, 0.8 the first two
-    peaked = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
-    assert {sample_next_token(peaked, 1.0, top_p=0.5, generator=gen).item() for _ in range(50)} == {0}
-    assert {sample_next_token(peaked, 1.0, top_p=0.8, generator=gen).item() for _ in range(200)} == {0, 1}
 
 
 def scripted_engine(tok, tokens: list[int], script: list[int], seed: int = 0) -> Engine:
@@ -104,10 +86,10 @@ def test_a_row_stops_at_its_stop_token(tok, stop):
     tokens = prompt(tok)
     words = tok.encode(" fine")
     engine = scripted_engine(tok, tokens, [*words, sp(tok, stop)])
-    steps = [step[0] for step in engine.stream(tokens, max_tokens=30, temperature=0.7, seed=1)]
+    steps = [step[0] for step in engine.stream(tokens, params=P(max_tokens=30, temperature=0.7, seed=1))]
     assert [s.token for s in steps] == [*words, sp(tok, stop)]
     assert [s.finish_reason for s in steps] == [None] * len(words) + ["stop"]
-    sequences, _ = engine.generate_batch(tokens, num_samples=2, max_tokens=30, temperature=0)
+    sequences, _ = engine.generate_batch(tokens, 2, params=P(max_tokens=30, temperature=0))
     assert sequences == [tokens + words] * 2  # the stop token is not part of the sequence
 
 
@@ -119,16 +101,20 @@ def test_tool_call_output_is_forced_into_the_row(tok):
     script = [sp(tok, "python_start"), *code, sp(tok, "python_end"), *[wrong] * len(forced), *after]
     engine = scripted_engine(tok, tokens, [*script, sp(tok, "assistant_end")])
 
-    sequences, masks = engine.generate_batch(tokens, num_samples=2, max_tokens=40, temperature=0)
+    sequences, masks = engine.generate_batch(tokens, 2, params=P(max_tokens=40, temperature=0))
     reply = [sp(tok, "python_start"), *code, sp(tok, "python_end"), *forced, *after]
     assert sequences == [tokens + reply] * 2
     sampled = [1] * (len(code) + 2) + [0] * len(forced) + [1] * len(after)
     assert masks == [[0] * len(tokens) + sampled] * 2
 
     text = ReplyText(tok)
-    pieces = [p for (step,) in engine.stream(tokens, temperature=0) for p in text.feed(step.token, step.kind)]
+    pieces = [
+        p
+        for (step,) in engine.stream(tokens, params=P(temperature=0))
+        for p in text.feed(step.token, step.kind)
+    ]
     merged: list[list[str]] = []
-    for kind, piece in pieces + text.flush():
+    for kind, piece, _ in pieces + text.flush():
         if merged and merged[-1][0] == kind:
             merged[-1][1] += piece
         else:
@@ -147,7 +133,7 @@ def test_failed_tool_call_forces_nothing(tok):
         sp(tok, "assistant_end"),
     ]
     sequences, masks = scripted_engine(tok, tokens, script).generate_batch(
-        tokens, max_tokens=30, temperature=0
+        tokens, params=P(max_tokens=30, temperature=0)
     )
     assert sequences[0] == tokens + script[:-1]
     assert 0 not in masks[0][len(tokens) :]
@@ -169,20 +155,21 @@ def test_row_state_budget_and_forced_tokens(tok):
 def test_generation_stops_with_length_at_the_end_of_the_context(tok, model):
     engine = Engine(model, tok)
     tokens = prompt(tok)
-    steps = [step[0] for step in engine.stream(tokens, max_tokens=None, temperature=0)]
+    steps = [step[0] for step in engine.stream(tokens, params=P(max_tokens=None, temperature=0))]
     assert len(tokens) + len(steps) == engine.max_context == 64
     assert steps[-1].finish_reason == "length" and all(s.finish_reason is None for s in steps[:-1])
-    assert len(list(engine.generate(tokens, max_tokens=1000, temperature=0))) == 64 - len(tokens)
+    assert len(list(engine.generate(tokens, params=P(max_tokens=1000, temperature=0)))) == 64 - len(tokens)
     with pytest.raises(ValueError, match="no room in the model's context"):
-        list(engine.generate(list(range(64)), temperature=0))
+        list(engine.generate(list(range(64))))
 
 
 def test_reply_text_never_splits_a_character(tok):
     text = "héllo wörld 😀 ünïcödé ✓"
     stream = ReplyText(tok)
     pieces = [p for t in tok.encode(text) for p in stream.feed(t, "text")] + stream.flush()
-    assert "".join(piece for _, piece in pieces) == text
-    assert not any("\ufffd" in piece for _, piece in pieces)
+    assert "".join(piece.text for piece in pieces) == text
+    assert not any("\ufffd" in piece.text for piece in pieces)
+    assert sum(piece.tokens for piece in pieces) == len(tok.encode(text))  # every token in one piece
 
 
 def chat(*turns: str, system: str | None = None) -> dict:

@@ -89,7 +89,7 @@ class ReplyWith:
     def __init__(self, tokenizer: Tokenizer, reply: str):
         self.reply = tokenizer.encode(reply)
 
-    def generate_batch(self, tokens, num_samples, max_tokens, temperature, top_k, seed=None):
+    def generate_batch(self, tokens, num_samples, params):
         return [list(tokens) + self.reply for _ in range(num_samples)], None
 
 

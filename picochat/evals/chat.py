@@ -40,6 +40,7 @@ from picochat.common import (
     print0,
     run_cli,
 )
+from picochat.sampling import SamplingParams
 from picochat.tasks import (
     ARC,
     GSM8K,
@@ -150,14 +151,13 @@ def _generative_one(
     prompt = tokenizer.render_for_completion(conversation)
     if len(prompt) >= engine.max_context:
         return False, True
-    sequences, _ = engine.generate_batch(
-        prompt,
-        sampling["num_samples"],
-        sampling["max_new_tokens"],
-        sampling["temperature"],
-        sampling["top_k"],
+    params = SamplingParams(
+        temperature=sampling["temperature"],
+        top_k=sampling["top_k"],
+        max_tokens=sampling["max_new_tokens"],
         seed=sampling["seed"] + index,  # per question, so results do not depend on the number of ranks
     )
+    sequences, _ = engine.generate_batch(prompt, sampling["num_samples"], params)
     replies = [tokenizer.decode(s[len(prompt) :]) for s in sequences]
     return any(bool(task.evaluate(conversation, r)) for r in replies), False
 

@@ -14,6 +14,16 @@ tests use a small fake. A backend must follow these rules:
   (run the model in a thread or executor and hand tokens over, e.g. with `loop.call_soon_threadsafe`).
 - `params.max_tokens` is already capped at min(limit, max_context). Fitting prompt + reply into
   `max_context` is the backend's job (e.g. drop the oldest turns and say so in a `notice`).
+- `complete(prompt, params)`: the same for a plain continuation of raw prompt tokens (no chat
+  template, no tool calls; `POST /v1/completions`): it stops at `<|bos|>` ("stop") or at max_tokens or
+  the context ("length"), with the same admission and cancellation rules.
+- `score(prompt, top_logprobs)`: the log-prob of each prompt token given those before it (None for the
+  first), for `echo` with `logprobs`.
+- `params` is a `picochat.sampling.SamplingParams` (re-exported here), already validated; the server
+  passes its own defaults explicitly. With `params.logprobs`, deltas carry a `TokenLogprob` per token
+  of their text.
+- A failure while generating one request ends that request only: its iterator raises the error (the
+  server reports it to that client); every other request goes on.
 - Deltas carry the reply in order. Tool calls are deltas of kind "python" (the code the model writes,
   streamed token by token) followed by "python_output" (the calculator's result).
 - The last delta has `finish_reason` set ("stop" at `<|assistant_end|>`, "length" at max_tokens or the
@@ -41,22 +51,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from picochat.sampling import SamplingParams
+from picochat.sampling import SamplingParams, TokenLogprob
 
-__all__ = ["Backend", "Delta", "QueueFullError", "SamplingParams", "ShuttingDownError", "TokenLogprob"]
+__all__ = [
+    "Backend",
+    "Delta",
+    "QueueFullError",
+    "SamplingParams",
+    "ShuttingDownError",
+    "TokenLogprob",
+]
 
 DeltaKind = Literal["text", "python", "python_output"]
 FinishReason = Literal["stop", "length"]
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One token's log-probability (natural log, of the model's softmax) and its likeliest alternatives."""
-
-    token: str  # the token decoded on its own (errors="replace")
-    bytes: tuple[int, ...]  # its raw UTF-8 bytes
-    logprob: float
-    top: tuple[TokenLogprob, ...] = ()  # the top_logprobs most likely tokens, most likely first
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,8 @@ class Delta:
     notice: str | None = None  # shown to the user, e.g. "oldest turns dropped to fit the context"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens whose text this delta carries
+    # with params.logprobs: one per token whose text this delta carries (tool outputs carry none)
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class QueueFullError(Exception):
@@ -89,14 +97,10 @@ class ShuttingDownError(Exception):
 class Backend(Protocol):
     model_name: str
     max_context: int  # tokens of prompt + reply the model can attend to
-    tokenizer: Any  # encode/decode, for the raw-text completions endpoint
+    tokenizer: Any  # encode / decode, for the completions endpoint
 
     def generate(self, messages: list[dict], params: SamplingParams) -> AsyncIterator[Delta]: ...
 
-    def complete(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Continue raw prompt tokens (no chat template, no tools); same admission/cancellation rules."""
-        ...
+    def complete(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]: ...
 
-    async def score(self, prompt: list[int], top_logprobs: int) -> list[TokenLogprob | None]:
-        """Each prompt token's log-prob given the tokens before it (None for the first)."""
-        ...
+    async def score(self, prompt: list[int], top_logprobs: int) -> list[TokenLogprob | None]: ...

@@ -4,17 +4,23 @@ One background thread owns the model. Requests wait in a bounded queue (`QueueFu
 full) and are given one of `max_batch_size` slots of a shared KV cache as slots free up. Each loop of the
 thread:
   1. frees the slots of cancelled requests (a client that disconnected leaves here; a finished reply
-     frees its slot as soon as it ends);
-  2. prefills each waiting request on its own (batch 1) into a free slot and samples its first token,
-     so a new request gets its first token without waiting for the others' replies to end;
-  3. runs ONE batched forward pass that decodes one token for every active slot. Rows sit at different
-     positions: the KV cache keeps a length per row, which sets each row's rotary position, where its
-     new key/value are written, and the attention mask that hides other rows' longer histories.
+     frees its slot as soon as it ends) and runs queued jobs (`score`);
+  2. prefills the prompts of newly admitted requests, at most `PREFILL_CHUNK` tokens in all per loop
+     (batch 1 each, into the request's own cache): a long prompt is spread over several loops, so it
+     delays the running streams' next token by one chunk, not by the whole prompt. A request whose
+     prompt is done moves its cache into its slot and samples its first token at once;
+  3. runs ONE batched forward pass that decodes one token for every decoding slot. Rows sit at
+     different positions: the KV cache keeps a length per row, which sets each row's rotary position,
+     where its new key/value are written, and the attention mask that hides other rows' longer histories.
 The batch is the occupied prefix of the slots (slots are handed out lowest first), so a lone request
-decodes at batch 1. Each request's rows go through the engine's `RowState` (sampling, tool calls,
-stopping) exactly as in `picochat.engine.Engine`, and its text reaches the request's asyncio queue via
-`loop.call_soon_threadsafe` (one call per step for all requests). On a 2-core CPU with a depth-4 model,
-8 concurrent streams through the server get 4.4x the tokens/s of one (bench/serve.py).
+decodes at batch 1. Sampling is one `picochat.sampling.BatchSampler` call for the whole batch, each row
+with its own settings; each request's row then goes through the engine's `RowState` (tool calls,
+stopping) and its text reaches the request's asyncio queue via `loop.call_soon_threadsafe` (one call
+per step for all requests).
+
+Failures are per request: anything that raises while handling one request's row (its prompt, its
+sampling settings, its tool call, its text) ends that request with the error and the others go on.
+Only a failure of the shared forward pass itself fails the requests in that batch.
 """
 
 from __future__ import annotations
@@ -25,25 +31,25 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from picochat.engine import (
+    PREFILL_CHUNK,
     Engine,
     ReplyText,
     RowState,
-    Step,
     context_notice,
     fit_conversation,
     load_engine,
-    make_generator,
     prompt_budget,
-    sample_next_token,
 )
 from picochat.gpt import KVCache
-from picochat.serve.backend import Delta, QueueFullError, SamplingParams, ShuttingDownError
+from picochat.sampling import BatchSampler, Logprobs, measure_logprobs, token_logprob
+from picochat.serve.backend import Delta, QueueFullError, SamplingParams, ShuttingDownError, TokenLogprob
 
 log = logging.getLogger("picochat.serve")
 
@@ -51,24 +57,42 @@ log = logging.getLogger("picochat.serve")
 class _Request:
     """One reply being generated. The event loop reads `deltas`; the worker thread owns the rest."""
 
-    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, loop) -> None:
-        self.prompt, self.params, self.loop = prompt, params, loop
+    def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams, loop, chat: bool) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty; give at least one token")
+        if min(prompt) < 0 or max(prompt) >= engine.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {engine.vocab_size})")
+        self.engine, self.prompt, self.params, self.loop = engine, prompt, params, loop
         self.deltas: asyncio.Queue = asyncio.Queue()
         self.cancelled = False  # set by the event loop when the client goes away
-        self.row = RowState(engine.tokens, engine.reply_budget(len(prompt), params.max_tokens))
+        self.row = RowState(engine.tokens, engine.reply_budget(len(prompt), params.max_tokens), chat)
         self.text = ReplyText(engine.tokenizer)
-        self.generator = make_generator(params.seed, engine.device)
+        self.unsent: deque[TokenLogprob | None] = deque()  # one per token ReplyText holds back
+        self.prefill_cache: KVCache | None = None  # the prompt's own cache while it is prefilled
+        self.prefilled = 0  # prompt tokens in prefill_cache
         self.last_token = 0  # the row's newest token, fed to the model at the next step
 
-    def advance(self, sampled: int) -> list[Delta]:
+    @property
+    def decoding(self) -> bool:
+        return self.prefill_cache is None
+
+    def advance(self, sampled: int, logprobs: Logprobs | None) -> list[Delta]:
         """Take this step's token (or a forced one); return the deltas for the client (the last one
         carries the finish_reason when the reply is over)."""
-        step: Step = self.row.next_token(sampled)
+        step = self.row.next_token(sampled)
         self.last_token = step.token
+        if step.kind is not None:
+            lp = None
+            if step.mask and logprobs is not None:
+                lp = token_logprob(self.engine.tokenizer, step.token, logprobs.logprob, logprobs.top)
+            self.unsent.append(lp)
         pieces = self.text.feed(step.token, step.kind)
         if step.finish_reason:
             pieces += self.text.flush()
-        deltas = [Delta(text=text, kind=kind) for kind, text in pieces]
+        deltas = []
+        for piece in pieces:
+            carried = [self.unsent.popleft() for _ in range(piece.tokens)]
+            deltas.append(Delta(text=piece.text, kind=piece.kind, logprobs=tuple(x for x in carried if x)))
         if step.finish_reason:
             deltas.append(
                 Delta(
@@ -84,9 +108,7 @@ class _Request:
         _deliver(self.loop, [(self, item)])
 
 
-def _deliver(
-    loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, list[Delta] | BaseException]]
-) -> None:
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[_Request, Any]]) -> None:
     """Put each item in its request's queue, with one wake-up of the event loop for all of them."""
 
     def put_all() -> None:
@@ -114,6 +136,30 @@ def _first_rows(cache: KVCache, n: int) -> KVCache:
     return view
 
 
+class _Job:
+    """Work for the worker thread that is not a generation (`score`): its result goes to a future."""
+
+    def __init__(self, work: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.work, self.loop = work, loop
+        self.future: asyncio.Future = loop.create_future()
+
+    def run(self) -> None:
+        try:
+            outcome, ok = self.work(), True
+        except Exception as e:
+            outcome, ok = e, False
+        future = self.future
+
+        def settle() -> None:
+            if not future.done():
+                future.set_result(outcome) if ok else future.set_exception(outcome)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass
+
+
 class ContinuousBatchingBackend:
     """A `picochat.serve.backend.Backend` that decodes up to `max_batch_size` replies together."""
 
@@ -121,13 +167,16 @@ class ContinuousBatchingBackend:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be at least 1 and max_queue at least 0")
         self.engine = engine
+        self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.max_context = engine.max_context
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.cache = KVCache.for_model(engine.model, max_batch_size, engine.max_context)
+        self.sampler = BatchSampler(max_batch_size, engine.vocab_size, engine.device)
         self.slots: list[_Request | None] = [None] * max_batch_size
         self._waiting: deque[_Request] = deque()
-        self._lock = threading.Condition()  # guards slots, _waiting, _closing; wakes the idle worker
+        self._jobs: deque[_Job] = deque()
+        self._lock = threading.Condition()  # guards slots, _waiting, _jobs, _closing; wakes the worker
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -178,14 +227,25 @@ class ContinuousBatchingBackend:
             leftovers = [*self._waiting, *(r for r in self.slots if r is not None)]
             self._waiting.clear()
             self.slots = [None] * self.max_batch_size
+            jobs, self._jobs = list(self._jobs), deque()
         for request in leftovers:
             request.send(ShuttingDownError())
+        for job in jobs:
+            job.future.cancel()
 
     async def generate(self, messages: list[dict], params: SamplingParams):
-        self._start_worker()
         # Rendering a long chat is real work: keep it off the event loop.
         prompt, notice = await asyncio.to_thread(self._prompt, messages, params.max_tokens)
-        request = _Request(self.engine, prompt, params, asyncio.get_running_loop())
+        async for delta in self._run(prompt, params, notice, chat=True):
+            yield delta
+
+    async def complete(self, prompt: list[int], params: SamplingParams):
+        async for delta in self._run(list(prompt), params, None, chat=False):
+            yield delta
+
+    async def _run(self, prompt: list[int], params: SamplingParams, notice: str | None, chat: bool):
+        self._start_worker()
+        request = _Request(self.engine, prompt, params, asyncio.get_running_loop(), chat)
         self._enqueue(request)
         try:
             yield Delta(notice=notice)  # accepted: the server can answer 200 while the request waits
@@ -203,8 +263,25 @@ class ContinuousBatchingBackend:
                 if request in self._waiting:
                     self._waiting.remove(request)
 
-    def _prompt(self, messages: list[dict], max_tokens: int) -> tuple[list[int], str | None]:
-        budget = prompt_budget(self.max_context, max_tokens)
+    async def score(self, prompt: list[int], top_logprobs: int) -> list[TokenLogprob | None]:
+        """The log-prob of each prompt token given the ones before it (None for the first)."""
+        if not 0 <= top_logprobs <= 20:
+            raise ValueError("top_logprobs must be in [0, 20]")
+        if not prompt or len(prompt) > self.max_context:
+            raise ValueError(f"the prompt must have 1 to {self.max_context} tokens")
+        if min(prompt) < 0 or max(prompt) >= self.engine.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.engine.vocab_size})")
+        self._start_worker()
+        job = _Job(lambda: self._score(list(prompt), top_logprobs), asyncio.get_running_loop())
+        with self._lock:
+            if self._closing:
+                raise ShuttingDownError()
+            self._jobs.append(job)
+            self._lock.notify()
+        return await job.future
+
+    def _prompt(self, messages: list[dict], max_tokens: int | None) -> tuple[list[int], str | None]:
+        budget = prompt_budget(self.max_context, max_tokens or self.max_context)
         conversation, dropped = fit_conversation(self.engine.tokenizer, {"messages": messages}, budget)
         notice = context_notice(dropped, self.max_context) if dropped else None
         return self.engine.tokenizer.render_for_completion(conversation), notice
@@ -234,14 +311,18 @@ class ContinuousBatchingBackend:
         while True:
             with self._lock:
                 self._release_cancelled()
-                while not self._closing and not self._waiting and not any(self.slots):
+                while not (self._closing or self._waiting or self._jobs or any(self.slots)):
                     self._lock.wait()
                 if self._closing:
                     return
                 joining = self._assign_slots()
+                jobs, self._jobs = list(self._jobs), deque()
+            for job in jobs:
+                job.run()
             for slot, request in joining:
-                self._guarded([slot], self._prefill, slot, request)
-            active = [i for i, request in enumerate(self.slots) if request is not None]
+                self._guarded([slot], self._admit, slot, request)
+            self._prefill_chunks()
+            active = [i for i, r in enumerate(self.slots) if r is not None and r.decoding]
             if active:
                 self._guarded(active, self._decode, active)
 
@@ -262,30 +343,57 @@ class ContinuousBatchingBackend:
                 joining.append((slot, request))
         return joining
 
-    def _guarded(self, slots: list[int], work: Callable[..., None], *args: object) -> None:
+    def _guarded(self, slots: Iterable[int], work: Callable[..., None], *args: object) -> None:
         """Run work(*args); if it fails, fail the requests of `slots` (not the whole server)."""
         try:
             work(*args)
         except Exception as e:
             log.exception("generation failed")
             for slot in slots:
-                request = self.slots[slot]
-                if request is not None:
-                    request.send(RuntimeError(f"generation failed: {e}"))
-                    request.cancelled = True
+                self._fail(slot, e)
 
-    def _prefill(self, slot: int, request: _Request) -> None:
-        logits, prompt_cache = self.engine.prefill(request.prompt)
-        self.cache.insert_prefill(prompt_cache, rows=[slot])
-        self._sample([slot], logits)
+    def _fail(self, slot: int, error: Exception) -> None:
+        request = self.slots[slot]
+        if request is not None:
+            request.send(RuntimeError(f"generation failed: {error}"))
+            request.cancelled = True
+            with self._lock:
+                self.slots[slot] = None
+
+    def _admit(self, slot: int, request: _Request) -> None:
+        self.sampler.assign(slot, request.params)  # ValueError for a bias outside the vocabulary
+        request.prefill_cache = KVCache.for_model(self.engine.model, 1, len(request.prompt))
+
+    def _prefill_chunks(self) -> None:
+        """Prefill waiting prompts, PREFILL_CHUNK tokens in all; finished ones sample their first token."""
+        budget = PREFILL_CHUNK
+        for slot, request in enumerate(self.slots):
+            if budget == 0:
+                return
+            if request is None or request.decoding:
+                continue
+            take = min(budget, len(request.prompt) - request.prefilled)
+            budget -= take
+            self._guarded([slot], self._prefill_chunk, slot, request, take)
+
+    def _prefill_chunk(self, slot: int, request: _Request, take: int) -> None:
+        start = request.prefilled
+        chunk = request.prompt[start : start + take]
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.engine.device)
+        logits = self.engine.last_logits(ids, request.prefill_cache)
+        request.prefilled += take
+        if request.prefilled == len(request.prompt):
+            self.cache.insert_prefill(request.prefill_cache, rows=[slot])
+            request.prefill_cache = None
+            self._sample([slot], logits)
 
     def _decode(self, active: list[int]) -> None:
         n = active[-1] + 1
         ids = [[0]] * n
         for i in range(n):
             request = self.slots[i]
-            if request is None:
-                self.cache.pos[i] = 0  # an idle row in the batch: it computes garbage at position 0
+            if request is None or not request.decoding:
+                self.cache.pos[i] = 0  # not decoding in this batch: it computes garbage at position 0
             else:
                 ids[i] = [request.last_token]
         ids_tensor = torch.tensor(ids, dtype=torch.long, device=self.engine.device)
@@ -293,40 +401,58 @@ class ContinuousBatchingBackend:
         self._sample(active, logits if len(active) == n else logits[active])
 
     def _sample(self, slots: list[int], logits: torch.Tensor) -> None:
-        """Sample each request's next token from its row of `logits`, hand the text to the clients."""
-        requests = [self.slots[slot] for slot in slots]
-        tokens = _sample_rows(requests, logits)
+        """Sample each request's next token from its row of `logits`, hand the text to the clients.
+        A row that fails (its sampling, its tool call, its text) fails its request alone."""
+        try:
+            picks = list(zip(*self.sampler.sample(logits, slots), strict=True))
+        except Exception:  # find the culprit: sample the rows one by one
+            picks = []
+            for i, slot in enumerate(slots):
+                try:
+                    tokens, logprobs = self.sampler.sample(logits[i : i + 1], [slot])
+                    picks.append((tokens[0], logprobs[0]))
+                except Exception as e:
+                    log.exception("sampling failed")
+                    self._fail(slot, e)
+                    picks.append(None)
         outbox: dict[asyncio.AbstractEventLoop, list] = {}
-        for slot, request, token in zip(slots, requests, tokens, strict=True):
-            deltas = request.advance(token)
+        observed: tuple[list[int], list[int]] = ([], [])
+        for slot, pick in zip(slots, picks, strict=True):
+            request = self.slots[slot]
+            if pick is None or request is None:
+                continue
+            try:
+                deltas = request.advance(*pick)
+            except Exception as e:
+                log.exception("generation failed")
+                self._fail(slot, e)
+                continue
+            observed[0].append(slot)
+            observed[1].append(request.last_token)
             if deltas:
                 outbox.setdefault(request.loop, []).append((request, deltas))
             if request.row.finish_reason:
                 with self._lock:
                     self.slots[slot] = None
+        self.sampler.observe(*observed)
         for loop, items in outbox.items():
             _deliver(loop, items)
 
-
-def _sample_rows(requests: list[_Request], logits: torch.Tensor) -> list[int]:
-    """Each request's sampled token, with its own settings. Rows with the same settings and no seed are
-    sampled in one call; a seeded row gets its own call with its own generator (so its reply does not
-    depend on what else is in the batch)."""
-    groups: dict[object, list[int]] = {}
-    for i, request in enumerate(requests):
-        p = request.params
-        if p.temperature == 0.0:
-            key: object = "greedy"
-        elif request.generator is not None:
-            key = i
-        else:
-            key = (p.temperature, p.top_k, p.top_p)
-        groups.setdefault(key, []).append(i)
-    tokens = [0] * len(requests)
-    for rows in groups.values():
-        p, generator = requests[rows[0]].params, requests[rows[0]].generator
-        group_logits = logits if len(rows) == len(requests) else logits[rows]
-        picked = sample_next_token(group_logits, p.temperature, p.top_k, p.top_p, generator)
-        for i, token in zip(rows, picked.tolist(), strict=True):
-            tokens[i] = token
-    return tokens
+    def _score(self, prompt: list[int], top_logprobs: int) -> list[TokenLogprob | None]:
+        """Run the prompt through the model in chunks and read each token's log-prob off the logits
+        of the position before it."""
+        cache = KVCache.for_model(self.engine.model, 1, len(prompt))
+        scores: list[TokenLogprob | None] = [None]
+        tokenizer = self.engine.tokenizer
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            ids = torch.tensor([prompt[start : start + PREFILL_CHUNK]], device=self.engine.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.engine.device.type == "cuda"):
+                logits = self.engine.model(ids, kv_cache=cache)[0]
+            targets = prompt[start + 1 : start + 1 + logits.size(0)]  # the next token of each position
+            if targets:
+                measured = measure_logprobs(logits[: len(targets)], targets, [top_logprobs] * len(targets))
+                scores += [
+                    token_logprob(tokenizer, t, m.logprob, m.top)
+                    for t, m in zip(targets, measured, strict=True)
+                ]
+        return scores

@@ -47,6 +47,7 @@ from picochat.common import (
 )
 from picochat.engine import Engine
 from picochat.report import record
+from picochat.sampling import SamplingParams
 from picochat.tasks import GSM8K, Task
 from picochat.train.base import (
     every,
@@ -532,7 +533,7 @@ def sample_replies(model: torch.nn.Module, tokenizer: Any, max_tokens: int = 128
         conversation = {"messages": [{"role": "user", "content": prompt}]}
         tokens = tokenizer.render_for_completion(conversation)
         reply, finish = [], None
-        for (step,) in engine.stream(tokens, 1, max_tokens, temperature=0.0):
+        for (step,) in engine.stream(tokens, 1, SamplingParams(temperature=0.0, max_tokens=max_tokens)):
             if step is not None:
                 reply.append(step.token)
                 finish = step.finish_reason or finish

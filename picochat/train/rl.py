@@ -57,6 +57,7 @@ from picochat.common import (
 )
 from picochat.engine import Engine
 from picochat.report import record
+from picochat.sampling import SamplingParams
 from picochat.tasks import GSM8K
 from picochat.train.base import every, start_afresh, trim_metrics, wrap_model
 
@@ -328,6 +329,13 @@ class RLTrainer:
             "dt": time.time() - t0,
         }
 
+    def sampling(self, seed: int) -> SamplingParams:
+        """The rollouts' sampling settings, with this question's seed."""
+        args = self.args
+        return SamplingParams(
+            temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens, seed=seed
+        )
+
     def learn_from(self, position: int, questions_per_rank: int, last_question: bool) -> torch.Tensor:
         """Sample a group of replies to one question and accumulate its policy-gradient gradient.
 
@@ -337,12 +345,7 @@ class RLTrainer:
         conversation = self.train_questions[position % len(self.train_questions)]
         prompt = self.tokenizer.render_for_completion(conversation)
         sequences, masks = self.engine.generate_batch(
-            prompt,
-            args.num_samples,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_k or None,
-            seed=sampling_seed(args.seed, "train", position),
+            prompt, args.num_samples, self.sampling(sampling_seed(args.seed, "train", position))
         )
         rewards = torch.tensor(
             [self.task.reward(conversation, self.tokenizer.decode(s[len(prompt) :])) for s in sequences]
@@ -380,12 +383,7 @@ class RLTrainer:
             conversation = self.eval_questions[index]
             prompt = self.tokenizer.render_for_completion(conversation)
             sequences, _ = self.engine.generate_batch(
-                prompt,
-                args.num_samples,
-                args.max_new_tokens,
-                args.temperature,
-                args.top_k or None,
-                seed=sampling_seed(args.seed, "eval", index),
+                prompt, args.num_samples, self.sampling(sampling_seed(args.seed, "eval", index))
             )
             replies = [self.tokenizer.decode(s[len(prompt) :]) for s in sequences]
             outcomes.append([float(self.task.evaluate(conversation, r)) for r in replies])
