@@ -40,7 +40,7 @@ if [ "$SMOKE" = 1 ]; then
        --eval-batches 2)
   SFT=(--device-batch-size 2 --max-seq-len 128 --target-examples-per-step 4 --num-iterations 3
        --eval-every 2 --eval-batches 2 --eval-metrics-examples 2)
-  RL=(--examples-per-step 2 --num-samples 2 --device-batch-size 2 --max-new-tokens 16 --num-steps 2
+  RL=(--examples-per-step 2 --num-samples 2 --device-batch-size 2 --max-new-tokens 16 --num-iterations 2
       --eval-every 0 --eval-examples 2)
   CHAT_EVAL=(--max-per-task 2 --max-new-tokens 16)
 else
