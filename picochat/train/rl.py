@@ -73,7 +73,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "against the group's mean reward). Defaults follow nanochat; on a CPU shrink --examples-per-step, "
         "--num-samples, --max-new-tokens and --num-iterations.",
     )
-    m = p.add_argument_group("input and output")
+    g = flags.groups(p)
+    m = g["input and output"]
     m.add_argument(
         "-i", "--stage", choices=INPUT_STAGES, default="sft", help="stage of the checkpoint to start from"
     )
@@ -82,7 +83,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     m.add_argument("--step", type=int, default=None, help="step of the input checkpoint (default: latest)")
     flags.add_source_arg(m, "GSM8K copy")
-    r = p.add_argument_group("rollouts")
+    r = g["batch and horizon"]
     r.add_argument(
         "--num-iterations", type=int, default=-1, help="optimiser steps; -1 = one pass over the questions"
     )
@@ -95,13 +96,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     r.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
     r.add_argument("--seed", type=int, default=42, help="seed of the sampling")
-    o = p.add_argument_group("optimisation")
+    o = g["optimisation"]
     o.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
     o.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
     o.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
     o.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the AdamW groups")
     o.add_argument("--init-lr-frac", type=float, default=0.05, help="start at this fraction of the LRs above")
-    e = p.add_argument_group("evaluation, logging and checkpoints")
+    e = g["evaluation, logging and checkpoints"]
     e.add_argument(
         "--eval-every", type=int, default=60, help="pass@k on held-out questions every N steps (0 = end only)"
     )
@@ -117,7 +118,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="start afresh even if this model tag already has rl checkpoints",
     )
-    e.add_argument("--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    flags.add_runtime_args(g["runtime"])
     return p
 
 
