@@ -62,3 +62,15 @@ def test_cli_conventions():
     assert piped.stdout.startswith("usage: picochat") and "Traceback" not in piped.stderr
     rl_help = subprocess.run([*run, "train", "rl", "--help"], capture_output=True, text=True, timeout=120)
     assert "--num-iterations" in rl_help.stdout and "--source" in rl_help.stdout
+
+
+def test_depth_1000_is_refused_before_allocating():
+    from picochat.common import PicochatError
+    from picochat.gpt import GPT, GPTConfig
+    from picochat.train.base import BYTES_PER_PARAM, model_shape
+    from picochat.train.flags import check_memory
+
+    with torch.device("meta"):  # no memory is allocated for the check
+        model = GPT(GPTConfig(sequence_len=512, vocab_size=65536, **model_shape(1000, 64, 64)))
+    with pytest.raises(PicochatError, match="lower --depth"):
+        check_memory(model, torch.device("cpu"), BYTES_PER_PARAM)

@@ -290,7 +290,7 @@ class BaseTrainer(Trainer):
         torch.manual_seed(args.seed)
         with torch.device("meta"):
             self.model = GPT(self.config)
-        check_memory(self.model, device)
+        flags.check_memory(self.model, device, BYTES_PER_PARAM)
         self.model.to_empty(device=device)
         self.model.init_weights()
         self.plan = make_plan(args, self.model, self.config.vocab_size, world_size, device.type)
@@ -474,31 +474,6 @@ class BaseTrainer(Trainer):
             "core_metric": figures.get("core"),
             "samples": self.samples,
         }
-
-
-def check_memory(model: torch.nn.Module, device: torch.device) -> None:
-    """Refuse, before allocating, a model whose weights, gradients and optimiser state cannot fit."""
-    need = BYTES_PER_PARAM * sum(p.numel() for p in model.parameters())
-    if device.type == "cuda":
-        have = torch.cuda.mem_get_info(device)[0]
-    else:
-        have = _available_ram()
-    if have and need > have:
-        raise PicochatError(
-            f"this model needs at least {need / 2**30:.1f} GiB for weights, gradients and optimiser state "
-            f"but the {device.type} has {have / 2**30:.1f} GiB free; lower --depth (or --aspect-ratio)"
-        )
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 if __name__ == "__main__":

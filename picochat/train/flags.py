@@ -157,3 +157,28 @@ def check_device_type(device_type: str) -> None:
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """parse_args, then `check_args`."""
     return check_args(parser.parse_args(argv), parser)
+
+
+def check_memory(model: torch.nn.Module, device: torch.device, bytes_per_param: int) -> None:
+    """Refuse, before allocating, a model whose weights, gradients and optimiser state cannot fit."""
+    need = bytes_per_param * sum(p.numel() for p in model.parameters())
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[0]
+    else:
+        have = _available_ram()
+    if have and need > have:
+        raise PicochatError(
+            f"this model needs at least {need / 2**30:.1f} GiB for weights, gradients and optimiser state "
+            f"but the {device.type} has {have / 2**30:.1f} GiB free; lower --depth (or --aspect-ratio)"
+        )
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
