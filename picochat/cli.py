@@ -7,6 +7,7 @@ Each stage module owns its argparse parser (so `python -m picochat.train.base --
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from picochat.common import PicochatError
@@ -46,6 +47,15 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _group_usage(word: str) -> str:
+    """`picochat train --help`: the commands that start with one word."""
+    found = [(words, desc) for words, _, desc in COMMANDS if words[0] == word and len(words) > 1]
+    width = max(len(" ".join(words)) for words, _ in found)
+    lines = [f"usage: picochat {word} <command> [--help] [options]", "", "Commands:", ""]
+    lines += [f"  {' '.join(words):<{width}}  {desc}" for words, desc in found]
+    return "\n".join([*lines, "", f"Run `picochat {word} <command> --help` for a command's options."])
+
+
 def resolve(argv: list[str]) -> tuple[tuple[str, ...], str, list[str]] | None:
     """Find the longest command whose words prefix argv; return (words, module, remaining args)."""
     for words, module, _ in sorted(COMMANDS, key=lambda c: -len(c[0])):
@@ -65,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"picochat {__version__}")
         return 0
     found = resolve(argv)
+    groups = {words[0] for words, _, _ in COMMANDS if len(words) > 1}
+    if found is None and argv[0] in groups and argv[1:2] in ([], ["-h"], ["--help"], ["help"]):
+        print(_group_usage(argv[0]))
+        return 0
     if found is None:
         print(f"picochat: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
@@ -81,5 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The console script: main(), with a closed pipe (`picochat --help | head -1`) ending quietly."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would print a traceback flushing stdout at exit; point it at /dev/null instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -48,7 +48,7 @@ stage "mid-training"    picochat.train.mid       "$PICO" train mid --max-minutes
 stage "mid eval"        picochat.evals.chat      "$PICO" eval chat -i mid --max-per-task "$EVAL_PER_TASK"
 stage "SFT"             picochat.train.sft       "$PICO" train sft --max-minutes "$SFT_MINUTES" --overwrite
 stage "SFT eval"        picochat.evals.chat      "$PICO" eval chat -i sft --max-per-task "$EVAL_PER_TASK"
-stage "RL"              picochat.train.rl        "$PICO" train rl --num-steps "$RL_STEPS" --overwrite \
+stage "RL"              picochat.train.rl        "$PICO" train rl --num-iterations "$RL_STEPS" --overwrite \
   --examples-per-step 4 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 --eval-every 0 --eval-examples 32
 stage "RL eval"         picochat.evals.chat      "$PICO" eval chat -i rl --max-per-task "$EVAL_PER_TASK"
 finish

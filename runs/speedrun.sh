@@ -52,10 +52,10 @@ if [ "$SMOKE" = 1 ]; then
         --eval-every 2 --eval-tokens 1024 --sample-every 4 --save-every 2)
   BASE_EVAL=(--max-per-task 2 --split-tokens 1024 --device-batch-size 2)
   MID=(--device-batch-size 2 --max-seq-len 128 --total-batch-size 512 --num-iterations 3 --eval-every 2
-       --eval-batches 2)
+       --eval-tokens 512)
   SFT=(--device-batch-size 2 --max-seq-len 128 --target-examples-per-step 4 --num-iterations 3
-       --eval-every 2 --eval-batches 2 --eval-metrics-examples 2)
-  RL=(--examples-per-step 2 --num-samples 2 --device-batch-size 2 --max-new-tokens 16 --num-steps 2
+       --eval-every 2 --eval-tokens 512 --eval-metrics-examples 2)
+  RL=(--examples-per-step 2 --num-samples 2 --device-batch-size 2 --max-new-tokens 16 --num-iterations 2
       --eval-every 0 --eval-examples 2)
   CHAT_EVAL=(--max-per-task 2 --max-new-tokens 16)
   TASK_DATA=() RL_DATA=()  # no hub here: post-training reads the bundled task copies

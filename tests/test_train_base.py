@@ -16,7 +16,8 @@ from safetensors import safe_open
 from picochat.common import REPO_DIR as REPO
 from picochat.common import PicochatError
 from picochat.evals.bpb import evaluate_bpb
-from picochat.train.base import batch_plan, build_parser, lr_multiplier, model_shape, muon_momentum
+from picochat.train.base import batch_plan, build_parser, model_shape, muon_momentum
+from picochat.train.loop import lr_multiplier
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
@@ -79,13 +80,15 @@ def test_bpb_excludes_special_tokens_by_hand():
 # Distributed: two processes take one micro-batch each = one process accumulating both
 
 
+WORKER = Path(__file__).with_name("ddp_steps_worker.py")
+WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
 def test_two_processes_match_one_with_accumulation(tmp_path):
-    worker = Path(__file__).with_name("ddp_steps_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     single, double = tmp_path / "single.safetensors", tmp_path / "double.safetensors"
-    subprocess.run([sys.executable, str(worker), str(single)], check=True, env=env, timeout=300)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    subprocess.run([*torchrun, str(worker), str(double)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, str(WORKER), str(single), "2"], check=True, env=WORKER_ENV, timeout=300)
+    subprocess.run([*TORCHRUN, str(WORKER), str(double), "1"], check=True, env=WORKER_ENV, timeout=300)
 
     with safe_open(single, "pt") as a, safe_open(double, "pt") as b:
         losses_a, losses_b = json.loads(a.metadata()["losses"]), json.loads(b.metadata()["losses"])
@@ -93,6 +96,21 @@ def test_two_processes_match_one_with_accumulation(tmp_path):
         assert losses_a[-1] < losses_a[0]
         for name in a.keys():
             torch.testing.assert_close(a.get_tensor(name), b.get_tensor(name), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_accumulation_all_reduces_once_per_step(tmp_path, compiled):
+    """With 2 micro-batches per rank, DDP all-reduces each gradient bucket once per step (no_sync on the
+    first micro-batch), also when the model is torch.compile(DDP(model))."""
+    out = tmp_path / "out.safetensors"
+    cmd = [*TORCHRUN, str(WORKER), str(out), "2", *(["compile"] if compiled else [])]
+    subprocess.run(cmd, check=True, env=WORKER_ENV, timeout=600)
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    from ddp_steps_worker import STEPS
+
+    assert int(meta["buckets"]) >= 1
+    assert int(meta["allreduces"]) == STEPS * int(meta["buckets"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from picochat.tasks import GSM8K, SimpleSpelling, TaskMixture
 from picochat.train import mid, sft
 from picochat.train.chat_train import IGNORE, PackedRows, PaddedRows
 
-MID_FLAGS = ["--device-batch-size", "2", "--max-seq-len", "128", "--eval-every", "10", "--eval-batches", "2"]
+MID_FLAGS = ["--device-batch-size", "2", "--max-seq-len", "128", "--eval-every", "10", "--eval-tokens", "512"]
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_mid_then_sft_train_and_save_reloadable_checkpoints(home):
     assert meta["step"] == 20 and model.config.n_layer == 2
 
     flags = ["--device-batch-size", "2", "--target-examples-per-step", "4", "--max-seq-len", "128"]
-    flags += ["--num-iterations", "4", "--eval-batches", "2", "--eval-metrics-examples", "2"]
+    flags += ["--num-iterations", "4", "--eval-tokens", "512", "--eval-metrics-examples", "2"]
     assert sft.main(flags) == 0
     assert list_steps(checkpoint_dir_for("sft", "d2")) == [4]
     section = json.loads((get_base_dir() / "report" / "sft.json").read_text())
@@ -94,19 +94,17 @@ def test_killed_mid_run_resumes_with_the_same_losses(home, monkeypatch):
     assert mid.main([*flags, "--model-tag", "d2", "--run", "whole"]) == 0
     whole = train_losses("whole")
 
-    real_train_step = chat_train.train_step
-    calls = {"n": 0}
+    real_forward_backward = chat_train.ChatTrainer.forward_backward
 
-    def dies_at_step_6(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
+    def dies_at_step_6(self):
+        if self.state.step == 5:
             raise KeyboardInterrupt
-        return real_train_step(*args, **kwargs)
+        return real_forward_backward(self)
 
-    monkeypatch.setattr(chat_train, "train_step", dies_at_step_6)
+    monkeypatch.setattr(chat_train.ChatTrainer, "forward_backward", dies_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         mid.main([*flags, "--run", "killed", "--overwrite"])
-    monkeypatch.setattr(chat_train, "train_step", real_train_step)
+    monkeypatch.setattr(chat_train.ChatTrainer, "forward_backward", real_forward_backward)
     assert list_steps(checkpoint_dir_for("mid", "d2")) == [4]
     with pytest.raises(PicochatError, match="--resume"):
         mid.main([*flags, "--run", "killed"])
@@ -114,6 +112,30 @@ def test_killed_mid_run_resumes_with_the_same_losses(home, monkeypatch):
     resumed = train_losses("killed")
     assert sorted(resumed) == list(range(1, 9))
     assert list(resumed.values()) == pytest.approx(list(whole.values()), rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["mid", "sft"])
+def test_device_batch_size_changes_memory_not_the_update(home, stage):
+    """The gradient is the token-weighted mean over the whole step: device batch 1 (4 micro-batches)
+    and 4 (one) give the same losses, validation loss and weights."""
+    module = {"mid": mid, "sft": sft}[stage]
+    batch = ["--total-batch-size", "512"] if stage == "mid" else ["--target-examples-per-step", "4"]
+    common = ["-i", "base", *batch, "--max-seq-len", "128", "--num-iterations", "2", "--eval-every", "0"]
+    common += ["--eval-tokens", "1024", "--overwrite", "--init-lr-frac", "1.0"]
+    if stage == "sft":
+        common += ["--eval-metrics-every", "-1"]
+    results = []
+    for device_batch in ("1", "4"):
+        run = f"{stage}_b{device_batch}"
+        assert module.main([*common, "--device-batch-size", device_batch, "--run", run]) == 0
+        model, _, _ = load_model(stage, "d2")
+        summary = json.loads((get_base_dir() / "runs" / run / "summary.json").read_text())
+        results.append((train_losses(run), summary["final_val_loss"], model.state_dict()))
+    (losses_1, val_1, weights_1), (losses_4, val_4, weights_4) = results
+    assert list(losses_1.values()) == pytest.approx(list(losses_4.values()), rel=1e-5)
+    assert val_1 == pytest.approx(val_4, rel=1e-5)
+    for name, w in weights_1.items():  # AdamW's normalisation magnifies float rounding on rare tokens
+        torch.testing.assert_close(w, weights_4[name], rtol=1e-3, atol=3e-4)
 
 
 def test_missing_input_checkpoint_is_a_clear_error(home):

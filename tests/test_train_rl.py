@@ -25,7 +25,7 @@ from picochat.train.rl import (
 )
 
 TINY = [
-    "--examples-per-step", "2", "--num-samples", "4", "--device-batch-size", "3", "--max-new-tokens", "12",
+    "--examples-per-step", "2", "--num-samples", "4", "--device-batch-size", "2", "--max-new-tokens", "12",
     "--eval-examples", "2", "--eval-every", "2", "--save-every", "2", "--init-lr-frac", "1",
 ]  # fmt: skip
 
@@ -108,7 +108,7 @@ def _metrics() -> list[dict]:
 def test_short_run_saves_reloads_records_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
     make_home("sft")
-    assert main([*TINY, "--num-steps", "3"]) == 0
+    assert main([*TINY, "--num-iterations", "3"]) == 0
 
     ckpt_dir = checkpoint_dir_for("rl", MODEL_TAG)
     assert list_steps(ckpt_dir) == [2, 3]
@@ -131,9 +131,9 @@ def test_short_run_saves_reloads_records_and_resumes(tmp_path, monkeypatch):
     assert set(section["pass_at_k"]) == {"pass@1", "pass@2", "pass@3", "pass@4"}
 
     with pytest.raises(PicochatError, match="--resume"):  # refuses to silently replace the run
-        main([*TINY, "--num-steps", "3"])
+        main([*TINY, "--num-iterations", "3"])
 
-    assert main([*TINY, "--num-steps", "5", "--resume"]) == 0
+    assert main([*TINY, "--num-iterations", "5", "--resume"]) == 0
     assert list_steps(ckpt_dir) == [2, 3, 4, 5]
     train = [r for r in _metrics() if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5]  # continued, nothing repeated
@@ -142,11 +142,18 @@ def test_short_run_saves_reloads_records_and_resumes(tmp_path, monkeypatch):
     assert meta["loop"]["next_question"] == 10 and meta["input"]["stage"] == "sft"
 
 
+def test_device_batch_must_divide_the_group(tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    make_home("sft")
+    with pytest.raises(PicochatError, match="must divide --num-samples"):
+        main(["--num-samples", "4", "--device-batch-size", "3", "--num-iterations", "1"])
+
+
 def test_missing_input_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
     make_home("base")
     with pytest.raises(PicochatError, match="no sft checkpoints found.*picochat train sft"):
-        main([*TINY, "--num-steps", "1"])
+        main([*TINY, "--num-iterations", "1"])
     with pytest.raises(PicochatError, match="--resume: no checkpoint"):
         main([*TINY, "-i", "base", "--resume"])
 
@@ -165,7 +172,8 @@ def test_rigged_reward_changes_the_policy(tmp_path, monkeypatch):
         with torch.no_grad():
             return model(prompt)[0, -1].softmax(-1)[spaced].sum().item()
 
-    args = ["--num-steps", "6", "--num-samples", "8", "--device-batch-size", "8", "--max-new-tokens", "2",
+    args = ["--num-iterations", "6", "--num-samples", "8", "--device-batch-size", "8",
+            "--max-new-tokens", "2",
             "--examples-per-step", "2", "--eval-every", "0", "--eval-examples", "1",
             "--init-lr-frac", "1"]  # fmt: skip
     assert main(args) == 0
@@ -179,7 +187,7 @@ def test_two_processes(tmp_path, monkeypatch):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     subprocess.run(
-        [*torchrun, "-m", "picochat.train.rl", *TINY, "--num-steps", "2"],
+        [*torchrun, "-m", "picochat.train.rl", *TINY, "--num-iterations", "2"],
         check=True,
         env=env,
         cwd=REPO_DIR,

@@ -34,3 +34,44 @@ def sample_greedy(
             break
         x = torch.cat([x, nxt.view(1, 1)], dim=1)
     return prompt + tokenizer.decode(x[0, len(ids) :].tolist())
+
+
+CHAT_PROMPTS = [
+    "Hi! Who are you?",
+    "What is the capital of France?",
+    "How many 'r' are there in the word strawberry?",
+]
+
+
+@torch.no_grad()
+def sample_replies(model: torch.nn.Module, tokenizer: Any, max_tokens: int = 128) -> list[dict[str, Any]]:
+    """Greedy replies of a chat model to a few held-out prompts (one a GSM8K test question): the text,
+    whether the turn ended with <|assistant_end|>, and whether the model called the calculator."""
+    from picochat.engine import Engine
+    from picochat.sampling import SamplingParams
+    from picochat.tasks import GSM8K
+
+    was_training = model.training
+    model.eval()
+    engine = Engine(model, tokenizer)
+    question = GSM8K("test", stop=1)[0]["messages"][0]["content"]
+    python_start = tokenizer.encode_special("<|python_start|>")
+    samples = []
+    for prompt in [*CHAT_PROMPTS, question]:
+        conversation = {"messages": [{"role": "user", "content": prompt}]}
+        tokens = tokenizer.render_for_completion(conversation)
+        reply, finish = [], None
+        for (step,) in engine.stream(tokens, 1, SamplingParams(temperature=0.0, max_tokens=max_tokens)):
+            if step is not None:
+                reply.append(step.token)
+                finish = step.finish_reason or finish
+        samples.append(
+            {
+                "prompt": prompt,
+                "reply": tokenizer.decode(reply),
+                "ended": finish == "stop",
+                "tool_call": python_start in reply,
+            }
+        )
+    model.train(was_training)
+    return samples

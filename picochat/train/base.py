@@ -24,46 +24,16 @@ happens before the clean finish (final eval, samples, checkpoint).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
 import math
-import shutil
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
-from picochat.checkpoint import (
-    capture_rng_state,
-    check_resume,
-    checkpoint_dir_for,
-    load_checkpoint,
-    restore_optimizers,
-    restore_rng_state,
-    save_checkpoint,
-)
-from picochat.common import (
-    PicochatError,
-    append_jsonl,
-    atomic_write_json,
-    atomic_write_text,
-    autocast_context,
-    compute_dtype,
-    distributed_runtime,
-    get_base_dir,
-    print0,
-    run_cli,
-    synchronize,
-)
-from picochat.evals.bpb import evaluate_bpb
-from picochat.evals.samples import SAMPLE_PROMPTS, SAMPLE_TOKENS, sample_greedy
-from picochat.optim import Muon
-from picochat.report import record
+from picochat.checkpoint import checkpoint_dir_for
+from picochat.common import PicochatError, compute_dtype, distributed_runtime, print0, run_cli
+from picochat.train import flags
+from picochat.train.loop import Evaluation, Trainer, accumulate_gradients, wrap_model
 
 # Batch-size rule: nanochat's d12 reference at a Chinchilla horizon uses 2^19 tokens per step.
 REF_DEPTH = 12
@@ -71,19 +41,7 @@ REF_BATCH_TOKENS = 2**19
 BATCH_POWER = 0.383
 CPU_BATCH_DIVISOR = 64
 MUON_MOMENTUM_WARMUP_STEPS = 300
-EMA_BETA = 0.9  # smoothing of the displayed training loss
-# Dense bf16 peak FLOP/s by GPU name (checked in order: the first substring found wins).
-GPU_PEAK_FLOPS = [
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-]
+BYTES_PER_PARAM = 16  # fp32 weights + gradients + two optimiser moments: the least a step needs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,13 +56,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "every derived value has its own flag). Defaults suit a small CPU; on GPUs use e.g. "
         "--depth 20 --max-seq-len 2048 --device-batch-size 32.",
     )
-    m = p.add_argument_group("model")
+    g = flags.groups(p)
+    g["input and output"].add_argument(
+        "--source",
+        default=None,
+        help="pretraining shards: bundled (default), hub (`picochat download`) or a folder",
+    )
+    g["input and output"].add_argument(
+        "--model-tag", default=None, help="checkpoint folder name (default: d<depth>)"
+    )
+    m = g["model"]
     m.add_argument("--depth", type=int, default=4, help="number of transformer layers: the one size dial")
     m.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth * aspect ratio")
     m.add_argument("--head-dim", type=int, default=64, help="dimension of each attention head")
     m.add_argument("--n-kv-head", type=int, default=-1, help="key/value heads (GQA); -1 = as many as heads")
     m.add_argument("--max-seq-len", type=int, default=512, help="context length in tokens")
-    b = p.add_argument_group("batch and horizon")
+    m.add_argument("--seed", type=int, default=42, help="random seed of the initial weights")
+    b = g["batch and horizon"]
     b.add_argument(
         "--device-batch-size",
         type=int,
@@ -117,39 +85,22 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=-1,
         help="tokens per optimiser step over all processes; -1 = derived from depth",
     )
-    b.add_argument(
-        "--num-iterations",
-        type=int,
-        default=-1,
-        help="optimiser steps; -1 = from --target-param-data-ratio",
-    )
+    flags.add_horizon_args(b, "from --target-param-data-ratio")
     b.add_argument(
         "--target-param-data-ratio",
         type=float,
         default=20.0,
         help="training tokens per scaling parameter (20 = Chinchilla)",
     )
-    b.add_argument(
-        "--max-minutes",
-        type=float,
-        default=0.0,
-        help="stop after this many minutes of training (counting earlier segments of a resumed run) and "
-        "finish cleanly; the LR warm-down is fitted into the budget. 0 = no limit",
-    )
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
-    o.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
-    o.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the AdamW groups")
-    o.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    o = g["optimisation"]
+    flags.add_optim_args(o, init_lr_frac=None)
     o.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of LR warm-up")
     o.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of LR warm-down")
     o.add_argument(
         "--final-lr-frac", type=float, default=0.0, help="LR at the end, as a fraction of the peak"
     )
-    o.add_argument("--seed", type=int, default=42, help="random seed of the initial weights")
-    e = p.add_argument_group("evaluation, logging and checkpoints")
-    e.add_argument("--eval-every", type=int, default=100, help="validation bpb every N steps (0 = end only)")
+    e = g["evaluation, logging and checkpoints"]
+    flags.add_output_args(e, "base", eval_every=100, save_every=500)
     e.add_argument(
         "--eval-tokens", type=int, default=-1, help="validation tokens per eval; -1 = 10 total batches"
     )
@@ -163,25 +114,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--core-metric-max-per-task", type=int, default=500, help="items per CORE task during training"
     )
     e.add_argument("--sample-every", type=int, default=200, help="print samples every N steps (0 = end only)")
-    e.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0 = end only)")
-    e.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0 = all)")
-    e.add_argument(
-        "--run", default=None, help="run name: metrics folder name, and logs to wandb if installed"
-    )
-    e.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
-    e.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint of this model tag"
-    )
-    e.add_argument(
-        "--overwrite", action="store_true", help="start afresh even if this model tag already has checkpoints"
-    )
-    r = p.add_argument_group("runtime")
-    r.add_argument("--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
-    r.add_argument(
-        "--source",
-        default=None,
-        help="pretraining shards: bundled (default), hub (`picochat download`) or a folder",
-    )
+    r = g["runtime"]
+    flags.add_runtime_args(r)
     r.add_argument(
         "--compile",
         choices=["auto", "on", "off"],
@@ -241,20 +175,6 @@ def batch_plan(total: int, device_batch: int, seq_len: int, world_size: int) -> 
     return total, device_batch, rows_per_rank // device_batch
 
 
-def lr_multiplier(
-    step: int, horizon: int, warmup_ratio: float, warmdown_ratio: float, final_frac: float
-) -> float:
-    """Linear warm-up to 1, constant, then linear warm-down to final_frac over the last steps."""
-    warmup = round(warmup_ratio * horizon)
-    warmdown = round(warmdown_ratio * horizon)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= horizon - warmdown or warmdown == 0:
-        return 1.0
-    progress = max(0.0, (horizon - step) / warmdown)
-    return progress + (1 - progress) * final_frac
-
-
 def muon_momentum(step: int) -> float:
     """Muon momentum ramps from 0.85 to 0.95 over the first steps (as in nanochat)."""
     frac = min(step / MUON_MOMENTUM_WARMUP_STEPS, 1.0)
@@ -262,91 +182,11 @@ def muon_momentum(step: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Throughput
-
-
-def peak_flops(device: torch.device) -> tuple[float, str]:
-    """Peak FLOP/s of one process's device: a table for known GPUs, otherwise a quick matmul benchmark."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS:
-            if key in name:
-                return flops, f"{name} (datasheet bf16)"
-        return measure_matmul_flops(device, torch.bfloat16, 4096), f"{name} (measured bf16 matmul)"
-    return measure_matmul_flops(device, torch.float32, 1024), f"{device.type} (measured fp32 matmul)"
-
-
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first round warms up
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-# ---------------------------------------------------------------------------------------------
-# One optimiser step, evaluation and samples
-
-
-def train_step(
-    model: torch.nn.Module,
-    optimizers: list[torch.optim.Optimizer],
-    batches: Any,
-    grad_accum: int,
-    lr_mult: float,
-    momentum: float,
-    grad_clip: float,
-    autocast: Any,
-) -> float:
-    """Accumulate gradients over `grad_accum` batches, clip, step every optimiser; return the mean loss.
-
-    When distributed, `model` is wrapped in DistributedDataParallel (see `wrap_model`): it averages the
-    gradients over ranks during the last micro-batch's backward (overlapped with it), so every rank
-    steps with the same gradients, as picochat.optim expects. The returned loss is averaged over ranks.
-    """
-    loss_sum = torch.zeros((), device=next(model.parameters()).device)
-    for micro in range(grad_accum):
-        inputs, targets = next(batches)
-        skip_sync = isinstance(model, DDP) and micro < grad_accum - 1
-        with model.no_sync() if skip_sync else contextlib.nullcontext():
-            with autocast:
-                loss = model(inputs, targets)
-            (loss / grad_accum).backward()
-        loss_sum += loss.detach()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(loss_sum)
-        loss_sum /= dist.get_world_size()
-    params = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_mult
-            if isinstance(opt, Muon):
-                group["momentum"] = momentum
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return loss_sum.item() / grad_accum
-
-
-def wrap_model(model: torch.nn.Module, world_size: int, compile_model: bool) -> torch.nn.Module:
-    """The module the loop calls: DDP when distributed, then torch.compile if asked."""
-    if world_size > 1:
-        model = DDP(model)
-    return torch.compile(model, dynamic=False) if compile_model else model
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
+    args = flags.parse(build_parser(prog), argv)
     with distributed_runtime(args.device_type) as (rank, world_size, device):
         BaseTrainer(args, rank, world_size, device).run()
     return 0
@@ -426,34 +266,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-@dataclasses.dataclass
-class LoopState:
-    """Everything besides weights, optimiser and data position that a resumed run must continue."""
+class BaseTrainer(Trainer):
+    """Pretraining: a fresh model from the flags, token rows from the corpus, bpb / CORE / samples."""
 
-    step: int = 0
-    smooth_loss: float = 0.0
-    min_val_bpb: float = float("inf")
-    last_val_bpb: float = float("nan")
-    train_seconds: float = 0.0  # wall clock spent in the loop, summed over resumed segments
-    horizon: int = 0  # the step the schedule ends at (moves with --max-minutes)
-    last_core: float | None = None  # with --core-metric-every
-
-
-class BaseTrainer:
-    """One pretraining run: set-up from the flags (or a checkpoint), the loop, and its outputs."""
+    stage = "base"
 
     def __init__(self, args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> None:
         from picochat.dataloader import TokenBatchLoader
         from picochat.gpt import GPT, GPTConfig
         from picochat.tokenizer import get_token_bytes, get_tokenizer
 
-        self.args, self.rank, self.world_size, self.device = args, rank, world_size, device
-        self.model_tag = args.model_tag or f"d{args.depth}"
-        self.ckpt_dir = checkpoint_dir_for("base", self.model_tag)
-        self.run_dir = get_base_dir() / "runs" / (args.run or self.model_tag)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.resumed = check_resume(self.ckpt_dir, args.resume, args.overwrite)
-
+        model_tag = args.model_tag or f"d{args.depth}"
+        super().__init__(
+            args, rank, world_size, device, checkpoint_dir_for("base", model_tag), args.run or model_tag
+        )
+        self.model_tag = model_tag
         self.tokenizer = get_tokenizer()
         self.token_bytes = get_token_bytes(device)
         shape = model_shape(args.depth, args.aspect_ratio, args.head_dim, args.n_kv_head)
@@ -463,22 +290,23 @@ class BaseTrainer:
         torch.manual_seed(args.seed)
         with torch.device("meta"):
             self.model = GPT(self.config)
+        flags.check_memory(self.model, device, BYTES_PER_PARAM)
         self.model.to_empty(device=device)
         self.model.init_weights()
         self.plan = make_plan(args, self.model, self.config.vocab_size, world_size, device.type)
+        self.flops_per_token = self.plan.flops_per_token
+        self.schedule = (args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         self.optimizers = self.model.setup_optimizers(
             unembedding_lr=args.unembedding_lr,
             embedding_lr=args.embedding_lr,
             matrix_lr=args.matrix_lr,
             weight_decay=args.weight_decay,
         )
-        self.state = LoopState(horizon=self.plan.num_iterations)
+        self.start(self.plan.num_iterations)
         loader_state = self._restore() if self.resumed else None
-
         self.use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
         self.dtype = compute_dtype(device.type)
-        self.peak, peak_source = peak_flops(device)
-        _print_table(self._table(peak_source))
+        _print_table(self._table())
         self.train_loader = TokenBatchLoader(
             self.tokenizer,
             self.plan.device_batch_size,
@@ -492,41 +320,26 @@ class BaseTrainer:
         )
         self.batches = iter(self.train_loader)
         self.train_model = wrap_model(self.model, world_size, self.use_compile)
-        self.wandb = _init_wandb(args, rank, {**vars(args), **dataclasses.asdict(self.plan)})
         self.samples: list[str] = []
-        self.mfus: list[float] = []
-
-    # -- set-up helpers
 
     def _restore(self) -> Any:
-        """Load the latest checkpoint into model, optimisers, RNG and loop state; return the loader state."""
-        ckpt = load_checkpoint(self.ckpt_dir, device=self.device)
-        saved_config, saved_plan = ckpt.meta.get("model_config"), ckpt.meta.get("plan", {})
+        """Restore the checkpoint after checking that it is this model and batch; return the loader state."""
+        return self.restore(with_weights=True, check=self._check_resume)
+
+    def _check_resume(self, meta: dict[str, Any]) -> None:
+        saved_config, saved_total = meta.get("model_config"), meta.get("plan", {}).get("total_batch_size")
         if saved_config != dataclasses.asdict(self.config):
             raise PicochatError(
-                f"cannot resume: {ckpt.meta['path']} holds a different model ({saved_config}) from the one "
+                f"cannot resume: {meta['path']} holds a different model ({saved_config}) from the one "
                 f"these flags describe ({dataclasses.asdict(self.config)}); use the run's original flags"
             )
-        saved_total = saved_plan.get("total_batch_size")
         if saved_total != self.plan.total_batch_size:
             raise PicochatError(
                 f"cannot resume with a total batch of {self.plan.total_batch_size} tokens: the run used "
                 f"{saved_total}; pass --total-batch-size {saved_total}"
             )
-        self.model.load_state_dict(ckpt.model_state)
-        restore_optimizers(self.optimizers, ckpt)
-        rank_state = ckpt.meta["rank_state"] or {}
-        if "rng" in rank_state:
-            restore_rng_state(rank_state["rng"])
-        self.state = LoopState(**ckpt.meta["loop"])
-        if not self.args.max_minutes:
-            self.state.horizon = self.plan.num_iterations  # --num-iterations may extend a finished run
-        print0(f"resuming from {ckpt.meta['path']} (step {self.state.step})")
-        if self.rank == 0:
-            trim_metrics(self.metrics_path, self.state.step)
-        return rank_state.get("loader")
 
-    def _table(self, peak_source: str) -> list[tuple[str, Any, str]]:
+    def _table(self) -> list[tuple[str, Any, str]]:
         args, plan, config = self.args, self.plan, self.config
         cpu_note = f", /{CPU_BATCH_DIVISOR} on CPU" if self.device.type == "cpu" else ""
         rows = [
@@ -576,97 +389,33 @@ class BaseTrainer:
                 "autocast" if self.dtype != torch.float32 else "",
             ),
             ("torch.compile", self.use_compile, f"--compile {args.compile}"),
-            ("peak FLOP/s per process", self.peak, peak_source),
+            ("peak FLOP/s per process", self.peak, self.peak_source),
         ]
         return rows
 
-    # -- the loop
+    # -- the stage's hooks
 
-    def run(self) -> dict[str, Any]:
-        args, state = self.args, self.state
-        budget = args.max_minutes * 60
-        start_step, start_seconds = state.step, state.train_seconds
-        if not self.resumed:
-            start_afresh(self.rank, self.ckpt_dir, self.metrics_path)
-        loop_t0 = time.time() - start_seconds
-        bar = tqdm(
-            total=state.horizon, initial=state.step, disable=self.rank != 0, unit="step", dynamic_ncols=True
-        )
-        while True:
-            state.train_seconds = time.time() - loop_t0
-            if budget:
-                state.train_seconds = synced_max(state.train_seconds, self.world_size, self.device)
-                if state.step > start_step:  # refit the horizon to the steps that fit in the budget
-                    per_step = (state.train_seconds - start_seconds) / (state.step - start_step)
-                    fit = state.step + int(max(0.0, budget - state.train_seconds) / per_step)
-                    state.horizon = bar.total = min(self.plan.num_iterations, fit)
-            last = state.step >= state.horizon or (budget > 0 and state.train_seconds >= budget)
-            handled = self.resumed and state.step == start_step  # evaluated and saved before the kill
-            if not handled and (last or every(args.eval_every, state.step)):
-                self.evaluate()
-            core_due = args.core_metric_every > 0 and (last or every(args.core_metric_every, state.step))
-            if not handled and core_due:
-                self.evaluate_core()
-            if not handled and (last or (state.step > 0 and every(args.sample_every, state.step))):
-                self.sample()
-            if not handled and (last or every(args.save_every, state.step)) and state.step > 0:
-                self.save()
-            if last:
-                break
-            self.step()
-            bar.set_postfix(
-                loss=f"{self.shown_loss:.3f}",
-                tok_s=f"{self.tok_per_sec:,.0f}",
-                mfu=f"{self.mfu:.1f}%",
-                refresh=False,
-            )
-            bar.update(1)
-        bar.close()
-        return self.finish()
+    def forward_backward(self) -> tuple[float, int]:
+        return accumulate_gradients(self.train_model, self.batches, self.plan.grad_accum_steps)
 
-    def step(self) -> None:
-        args, state = self.args, self.state
-        synchronize(self.device)
-        t0 = time.time()
-        lrm = lr_multiplier(
-            state.step, state.horizon, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac
-        )
-        loss = train_step(
-            self.train_model,
-            self.optimizers,
-            self.batches,
-            self.plan.grad_accum_steps,
-            lrm,
-            muon_momentum(state.step),
-            args.grad_clip,
-            autocast_context(self.device),
-        )
-        synchronize(self.device)
-        dt = time.time() - t0
-        state.step += 1
-        state.smooth_loss = EMA_BETA * state.smooth_loss + (1 - EMA_BETA) * loss
-        self.shown_loss = state.smooth_loss / (1 - EMA_BETA**state.step)  # debiased EMA
-        self.tok_per_sec = self.plan.total_batch_size / dt
-        self.mfu = (
-            100 * self.plan.flops_per_token * self.plan.total_batch_size / dt / (self.peak * self.world_size)
-        )
-        self.mfus.append(self.mfu)
-        self.log(
-            {
-                "step": state.step,
-                "kind": "train",
-                "loss": loss,
-                "smooth_loss": self.shown_loss,
-                "lr_mult": lrm,
-                "dt": dt,
-                "tok_per_sec": self.tok_per_sec,
-                "mfu": self.mfu,
-                "train_seconds": state.train_seconds,
-            }
-        )
+    def momentum(self, step: int) -> float:
+        return muon_momentum(step)
 
-    def evaluate(self) -> None:
+    def data_state(self) -> dict[str, Any]:
+        return self.train_loader.state_dict()
+
+    def evaluations(self) -> list[Evaluation]:
+        args = self.args
+        return [
+            Evaluation(args.eval_every, self.evaluate_bpb),
+            Evaluation(args.core_metric_every, self.evaluate_core),
+            Evaluation(args.sample_every, self.sample, at_start=False),
+        ]
+
+    def evaluate_bpb(self) -> dict[str, float]:
+        from picochat.common import autocast_context
         from picochat.dataloader import TokenBatchLoader
+        from picochat.evals.bpb import evaluate_bpb
 
         args = self.args
         val_loader = TokenBatchLoader(
@@ -683,35 +432,23 @@ class BaseTrainer:
         with val_loader, autocast_context(self.device):
             bpb = evaluate_bpb(self.train_model, iter(val_loader), self.plan.eval_steps, self.token_bytes)
         self.train_model.train()
-        self.state.last_val_bpb, self.state.min_val_bpb = bpb, min(self.state.min_val_bpb, bpb)
-        if self.rank == 0:
-            tqdm.write(f"step {self.state.step:6d} | val bpb {bpb:.4f}")
-        self.log(
-            {
-                "step": self.state.step,
-                "kind": "val",
-                "val_bpb": bpb,
-                "train_seconds": self.state.train_seconds,
-            }
-        )
+        return {"val_bpb": bpb, "min_val_bpb": min(self.state.figures.get("min_val_bpb", math.inf), bpb)}
 
-    def evaluate_core(self) -> None:
+    def evaluate_core(self) -> dict[str, float]:
         from picochat.evals.core import evaluate_core
 
         self.model.eval()
         max_per_task = self.args.core_metric_max_per_task
-        result = evaluate_core(
-            self.model, self.tokenizer, self.device, max_per_task if max_per_task > 0 else None
-        )
+        result = evaluate_core(self.model, self.tokenizer, self.device, max_per_task)
         self.model.train()
-        self.state.last_core = result["core"]
-        if self.rank == 0:
-            tqdm.write(f"step {self.state.step:6d} | CORE {result['core']:.4f}")
-        self.log({"step": self.state.step, "kind": "core", "core": result["core"]})
+        return {"core": result["core"]}
 
-    def sample(self) -> None:
+    def sample(self) -> dict[str, Any]:
+        from picochat.common import autocast_context
+        from picochat.evals.samples import SAMPLE_PROMPTS, SAMPLE_TOKENS, sample_greedy
+
         if self.rank != 0:
-            return
+            return {}
         self.model.eval()
         with autocast_context(self.device):
             self.samples = [
@@ -719,115 +456,24 @@ class BaseTrainer:
                 for prompt in SAMPLE_PROMPTS
             ]
         self.model.train()
-        tqdm.write("\n".join(f"  {s!r}" for s in self.samples))
-        self.log({"step": self.state.step, "kind": "samples", "samples": self.samples})
+        self.progress.write("\n".join(f"  {s!r}" for s in self.samples))
+        return {"samples": self.samples}
 
-    def save(self) -> None:
-        meta = {
-            "model_config": dataclasses.asdict(self.config),
-            "plan": dataclasses.asdict(self.plan),
-            "train_config": vars(self.args),
-            "loop": dataclasses.asdict(self.state),
-            "val_bpb": self.state.last_val_bpb,
-        }
-        save_checkpoint(
-            self.ckpt_dir,
-            self.state.step,
-            self.model.state_dict(),
-            [opt.state_dict() for opt in self.optimizers],
-            meta,
-            rank_state={"loader": self.train_loader.state_dict(), "rng": capture_rng_state()},
-            shard_optim=any(getattr(opt, "sharded_state", False) for opt in self.optimizers),
-            keep_last=self.args.keep_last or None,
-        )
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"plan": dataclasses.asdict(self.plan), "val_bpb": self.state.figures.get("val_bpb")}
 
-    def log(self, record: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
-        append_jsonl(self.metrics_path, record)
-        if self.wandb is not None:
-            self.wandb.log(
-                {k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"]
-            )
-
-    def finish(self) -> dict[str, Any]:
+    def summary_extra(self) -> dict[str, Any]:
         self.train_loader.close()
-        state, plan = self.state, self.plan
-        steady = self.mfus[3:] or self.mfus  # the first steps include warm-up (allocation, compilation)
-        summary = {
-            "model_tag": self.model_tag,
+        figures = self.state.figures
+        return {
             "model_config": dataclasses.asdict(self.config),
-            **dataclasses.asdict(plan),
-            "processes": self.world_size,
-            "steps": state.step,
-            "tokens": state.step * plan.total_batch_size,
-            "train_minutes": state.train_seconds / 60,
-            "final_val_bpb": state.last_val_bpb,
-            "min_val_bpb": state.min_val_bpb,
-            "core_metric": state.last_core,
-            "mfu_percent": sum(steady) / len(steady) if steady else None,
-            "device": self.device.type,
+            **dataclasses.asdict(self.plan),
+            "tokens": self.state.step * self.plan.total_batch_size,
+            "final_val_bpb": figures.get("val_bpb"),
+            "min_val_bpb": figures.get("min_val_bpb"),
+            "core_metric": figures.get("core"),
             "samples": self.samples,
-            "metrics": str(self.metrics_path),
-            "checkpoint_dir": str(self.ckpt_dir),
         }
-        if self.rank == 0:
-            record("base", summary)
-            atomic_write_json(self.run_dir / "summary.json", summary)
-            print0(
-                f"done: {state.step} steps in {state.train_seconds / 60:.1f} min, val bpb "
-                f"{state.last_val_bpb:.4f} (min {state.min_val_bpb:.4f}); checkpoints in {self.ckpt_dir}"
-            )
-        if self.wandb is not None:
-            self.wandb.finish()
-        return summary
-
-
-def every(n: int, step: int) -> bool:
-    return n > 0 and step % n == 0
-
-
-def start_afresh(rank: int, ckpt_dir: Path, metrics_path: Path) -> None:
-    """A new run replaces the old run's metrics and (with --overwrite) its checkpoints."""
-    barrier()  # every rank has looked for checkpoints before rank 0 deletes them
-    if rank == 0:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        metrics_path.unlink(missing_ok=True)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def synced_max(seconds: float, world_size: int, device: torch.device) -> float:
-    """The same elapsed time on every rank (the slowest one's), so that all ranks stop at the same step."""
-    if world_size == 1:
-        return seconds
-    t = torch.tensor([seconds], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (the killed run's lost steps)."""
-    if not path.exists():
-        return
-    kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
-    ]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _init_wandb(args: argparse.Namespace, rank: int, config: dict[str, Any]) -> Any:
-    if not args.run or rank != 0:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        print0("note: --run given but wandb is not installed; metrics go to metrics.jsonl only")
-        return None
-    return wandb.init(project="picochat", name=args.run, config=config)
 
 
 if __name__ == "__main__":

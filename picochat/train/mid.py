@@ -84,8 +84,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Mid-training: teach a base model conversations, multiple choice, calculator tool "
         "use and its identity, on packed rows of task conversations.",
     )
-    add_common_args(p, SPEC)
-    p.add_argument(
+    g = add_common_args(p, SPEC)
+    g["batch and horizon"].add_argument(
         "--total-batch-size",
         type=int,
         default=-1,

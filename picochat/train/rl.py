@@ -11,7 +11,7 @@ training questions (split across ranks) and, for each question:
      the tokens the model sampled itself (not the prompt, not forced tool outputs, not padding), in
      chunks of `--device-batch-size` replies.
 Then one Muon + AdamW step, with the learning rates scaled by `--init-lr-frac` and decayed linearly
-to 0 over `--num-steps`. Every `--eval-every` steps it measures pass@k (k = 1..num_samples: does any of
+to 0 over `--num-iterations`. Every `--eval-every` steps it measures pass@k (k = 1..num_samples: does any of
 the first k samples answer right?) on the first `--eval-examples` GSM8K test questions.
 
 Questions whose prompt plus `--max-new-tokens` does not fit the model's context are left out, so every
@@ -25,7 +25,6 @@ lines in $PICOCHAT_HOME/runs/<run>/metrics.jsonl, and the report section "rl".
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import time
@@ -33,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from picochat.checkpoint import (
@@ -59,7 +57,8 @@ from picochat.engine import Engine
 from picochat.report import record
 from picochat.sampling import SamplingParams
 from picochat.tasks import GSM8K
-from picochat.train.base import every, start_afresh, trim_metrics, wrap_model
+from picochat.train import flags
+from picochat.train.loop import every, start_afresh, sync_gradients, trim_metrics, wrap_model
 
 INPUT_STAGES = ("base", "mid", "sft", "rl")
 
@@ -73,9 +72,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Reinforcement learning on GSM8K: sample several answers per question (calculator on), "
         "reward the right final answers and push the model towards them (GRPO-style policy gradient "
         "against the group's mean reward). Defaults follow nanochat; on a CPU shrink --examples-per-step, "
-        "--num-samples, --max-new-tokens and --num-steps.",
+        "--num-samples, --max-new-tokens and --num-iterations.",
     )
-    m = p.add_argument_group("input and output")
+    g = flags.groups(p)
+    m = g["input and output"]
     m.add_argument(
         "-i", "--stage", choices=INPUT_STAGES, default="sft", help="stage of the checkpoint to start from"
     )
@@ -83,12 +83,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--model-tag", default=None, help="model tag to load and save under (default: the deepest d<N>)"
     )
     m.add_argument("--step", type=int, default=None, help="step of the input checkpoint (default: latest)")
-    m.add_argument(
-        "--data", choices=("bundled", "hub"), default="bundled", help="GSM8K copy: bundled or the HF hub"
-    )
-    r = p.add_argument_group("rollouts")
+    flags.add_source_arg(m, "GSM8K copy")
+    r = g["batch and horizon"]
     r.add_argument(
-        "--num-steps", type=int, default=-1, help="optimiser steps; -1 = one pass over the questions"
+        "--num-iterations", type=int, default=-1, help="optimiser steps; -1 = one pass over the questions"
     )
     r.add_argument("--examples-per-step", type=int, default=16, help="questions per step over all processes")
     r.add_argument("--num-samples", type=int, default=16, help="replies sampled per question (the group)")
@@ -99,13 +97,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     r.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
     r.add_argument("--seed", type=int, default=42, help="seed of the sampling")
-    o = p.add_argument_group("optimisation")
+    o = g["optimisation"]
     o.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
     o.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
     o.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
     o.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the AdamW groups")
     o.add_argument("--init-lr-frac", type=float, default=0.05, help="start at this fraction of the LRs above")
-    e = p.add_argument_group("evaluation, logging and checkpoints")
+    e = g["evaluation, logging and checkpoints"]
     e.add_argument(
         "--eval-every", type=int, default=60, help="pass@k on held-out questions every N steps (0 = end only)"
     )
@@ -121,7 +119,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="start afresh even if this model tag already has rl checkpoints",
     )
-    e.add_argument("--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
+    flags.add_runtime_args(g["runtime"])
     return p
 
 
@@ -195,7 +193,7 @@ class LoopState:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
+    args = flags.parse(build_parser(prog), argv)
     with distributed_runtime(args.device_type) as (rank, world_size, device):
         RLTrainer(args, rank, world_size, device).run()
     return 0
@@ -220,9 +218,9 @@ class RLTrainer:
         self.input = meta["input"] if self.resumed else started_from
         self.engine = Engine(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.encode_special("<|assistant_end|>")
-        self.task = GSM8K("train", source=args.data)  # scores replies to any GSM8K question
+        self.task = GSM8K("train", source=args.source)  # scores replies to any GSM8K question
         self.train_questions = self._fitting(self.task)
-        self.eval_questions = self._fitting(GSM8K("test", source=args.data))[: args.eval_examples]
+        self.eval_questions = self._fitting(GSM8K("test", source=args.source))[: args.eval_examples]
 
         self.optimizers = self.model.setup_optimizers(
             unembedding_lr=args.unembedding_lr * args.init_lr_frac,
@@ -231,7 +229,7 @@ class RLTrainer:
             weight_decay=args.weight_decay,
         )
         default_steps = max(1, len(self.train_questions) // args.examples_per_step)
-        self.state = LoopState(num_steps=args.num_steps if args.num_steps > 0 else default_steps)
+        self.state = LoopState(num_steps=args.num_iterations if args.num_iterations > 0 else default_steps)
         if self.resumed:
             self._restore(meta)
         self.train_model = wrap_model(self.model, world_size, compile_model=False)
@@ -259,7 +257,7 @@ class RLTrainer:
         restore_optimizers(self.optimizers, ckpt)
         num_steps = self.state.num_steps
         self.state = LoopState(**ckpt.meta["loop"])
-        if self.args.num_steps > 0:  # --num-steps may extend (or shorten) a run
+        if self.args.num_iterations > 0:  # --num-iterations may extend (or shorten) a run
             self.state.num_steps = num_steps
         print0(f"resuming from {ckpt.meta['path']} (step {self.state.step})")
         if self.rank == 0:
@@ -358,8 +356,7 @@ class RLTrainer:
             rows = slice(start, start + args.device_batch_size)
             # DDP averages gradients over ranks only on the step's very last backward pass.
             sync = last_question and c == len(chunks) - 1
-            no_sync = isinstance(self.train_model, DDP) and not sync
-            with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
+            with sync_gradients(self.train_model, sync):
                 with autocast_context(self.device):
                     logp = -self.train_model(inputs[rows], targets[rows], loss_reduction="none")
                 loss = policy_gradient_loss(logp, mask[rows], advantages[rows])
@@ -458,6 +455,10 @@ def _check_args(args: argparse.Namespace, world_size: int) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise PicochatError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_samples % args.device_batch_size:  # every chunk of a group must weigh the same
+        raise PicochatError(
+            f"--device-batch-size {args.device_batch_size} must divide --num-samples {args.num_samples}"
+        )
     if args.examples_per_step % world_size:
         # DDP needs the same number of backward passes on every rank.
         raise PicochatError(

@@ -67,9 +67,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Supervised fine-tuning on single conversations (padded batches, assistant tokens "
         "only), with validation loss and ARC-Easy/GSM8K accuracy during training.",
     )
-    add_common_args(p, SPEC)
-    p.set_defaults(device_batch_size=4, eval_batches=10, init_lr_frac=0.02)  # nanochat: SFT gently
-    p.add_argument(
+    g = add_common_args(p, SPEC)
+    p.set_defaults(device_batch_size=4, init_lr_frac=0.02)  # nanochat: SFT gently
+    g["batch and horizon"].add_argument(
         "--target-examples-per-step",
         type=int,
         default=32,

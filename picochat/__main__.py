@@ -1,0 +1,5 @@
+"""`python -m picochat ...`: the same command line as `picochat ...`."""
+
+from picochat.cli import entry
+
+entry()
