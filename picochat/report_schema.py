@@ -56,7 +56,8 @@ def _fields(required: str = "", **fields: str) -> dict[str, Field]:
 
 
 _TRAINED = {"model_tag": TEXT, "processes": COUNT, "device": TEXT, "train_seconds": SECONDS,
-            "metrics": PATH, "checkpoint_dir": PATH, "samples": SAMPLES, "steps": COUNT}  # fmt: skip
+            "metrics": PATH, "checkpoint_dir": PATH, "samples": SAMPLES, "steps": COUNT,
+            "mfu_percent": PERCENT, "peak_flops": RATE, "peak_flops_source": TEXT}  # fmt: skip
 _CHAT_EVAL = _fields(
     "tasks",
     stage=TEXT, model_tag=TEXT, step=COUNT, tasks=TABLE, ChatCORE=SCORE, missing=JSON, max_per_task=COUNT,
@@ -92,7 +93,7 @@ SECTION_TYPES: dict[str, dict[str, Field]] = {
         **_TRAINED, model_config=JSON, total_batch_size=COUNT, device_batch_size=COUNT,
         grad_accum_steps=COUNT, num_iterations=COUNT, eval_steps=COUNT, num_params=COUNT,
         scaling_params=COUNT, flops_per_token=FLOPS, target_tokens=COUNT, tokens=COUNT, final_val_bpb=BPB,
-        min_val_bpb=BPB, core_metric=SCORE, mfu_percent=PERCENT,
+        min_val_bpb=BPB, core_metric=SCORE,
     ),
     "base-eval": _fields(
         "core",
