@@ -32,8 +32,6 @@ if not torch.cuda.is_available():
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize(("flags", "message"), BAD)
 def test_bad_values_are_one_line_and_exit_1(stage, flags, message, capsys, tmp_path, monkeypatch):
-    if stage == "rl" and flags[0] in ("--max-seq-len", "--max-minutes"):
-        pytest.skip("RL has no --max-seq-len (its rows are the input model's context) nor --max-minutes yet")
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
     assert cli.main(["train", stage, *flags]) == 1
     err = capsys.readouterr().err.strip()

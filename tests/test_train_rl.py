@@ -17,7 +17,6 @@ from picochat.gpt import GPT
 from picochat.train.rl import (
     build_parser,
     group_advantages,
-    lr_decay,
     main,
     pad_rollouts,
     pass_at_k_counts,
@@ -62,10 +61,9 @@ def test_pad_rollouts_masks_prompt_forced_tokens_and_padding():
     assert mask.tolist() == [[0, 1, 1, 0], [0, 1, 0, 0]]
 
 
-def test_pass_at_k_and_lr_decay():
+def test_pass_at_k():
     outcomes = torch.tensor([[0, 1, 0], [0, 0, 0], [1, 0, 1], [0, 0, 1]])
     assert pass_at_k_counts(outcomes).tolist() == [1, 2, 3]  # any right among the first k samples
-    assert [lr_decay(s, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
 
 
 def test_positive_advantage_raises_log_probability():
@@ -139,7 +137,7 @@ def test_short_run_saves_reloads_records_and_resumes(tmp_path, monkeypatch):
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5]  # continued, nothing repeated
     assert [r["lr_mult"] for r in train[3:]] == pytest.approx([2 / 5, 1 / 5])  # the new horizon
     _, _, meta = load_model("rl", device="cpu")
-    assert meta["loop"]["next_question"] == 10 and meta["input"]["stage"] == "sft"
+    assert meta["rank_state"]["data"] == {"next_question": 10} and meta["input"]["stage"] == "sft"
 
 
 def test_device_batch_must_divide_the_group(tmp_path, monkeypatch):
@@ -199,3 +197,15 @@ def test_two_processes(tmp_path, monkeypatch):
     assert len(evals) == 2
     section = json.loads((tmp_path / "report" / "rl.json").read_text())
     assert section["processes"] == 2 and section["eval_examples"] == 2
+
+
+def test_shared_loop_max_minutes_and_plain_step_lines(tmp_path, monkeypatch, capsys):
+    """RL runs on the shared Trainer: --max-minutes stops it cleanly, with plain step lines in a log."""
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    make_home("sft")
+    assert main([*TINY, "--num-iterations", "50", "--max-minutes", "0.0001", "--eval-examples", "0"]) == 0
+    section = json.loads((get_base_dir() / "report" / "rl.json").read_text())
+    assert 1 <= section["steps"] < 50 and "mfu_percent" in section
+    assert list_steps(checkpoint_dir_for("rl", MODEL_TAG)) == [section["steps"]]
+    out = capsys.readouterr().out
+    assert "step 1/" in out and "reward" in out and "tok/s" in out

@@ -14,9 +14,12 @@ Then one Muon + AdamW step, with the learning rates scaled by `--init-lr-frac` a
 to 0 over `--num-iterations`. Every `--eval-every` steps it measures pass@k (k = 1..num_samples: does any of
 the first k samples answer right?) on the first `--eval-examples` GSM8K test questions.
 
-Questions whose prompt plus `--max-new-tokens` does not fit the model's context are left out, so every
-sampled sequence is one the model can be trained on. Sampling seeds come from the question's position,
-so a `--resume`d run samples exactly what an uninterrupted one would have.
+Questions whose prompt plus `--max-new-tokens` does not fit `--max-seq-len` (default: the model's context)
+are left out, so every sampled sequence is one the model can be trained on. Sampling seeds come from the
+question's position, so a `--resume`d run samples exactly what an uninterrupted one would have.
+
+RL runs on the shared loop (train/loop.py `Trainer`): --max-minutes, step lines, the non-finite loss
+stop, checkpoints and exact --resume, wandb with --run, and the summary work as in the other stages.
 
 Input: a checkpoint of stage `-i` (default sft). Output: checkpoints/rl/<model_tag>/, metrics as JSON
 lines in $PICOCHAT_HOME/runs/<run>/metrics.jsonl, and the report section "rl".
@@ -25,40 +28,20 @@ lines in $PICOCHAT_HOME/runs/<run>/metrics.jsonl, and the report section "rl".
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
-import time
+import sys
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from picochat.checkpoint import (
-    check_resume,
-    checkpoint_dir_for,
-    find_model_tag,
-    load_checkpoint,
-    load_model,
-    restore_optimizers,
-    save_checkpoint,
-)
-from picochat.common import (
-    PicochatError,
-    append_jsonl,
-    atomic_write_json,
-    autocast_context,
-    distributed_runtime,
-    get_base_dir,
-    print0,
-    run_cli,
-)
+from picochat.checkpoint import checkpoint_dir_for, find_model_tag, load_model
+from picochat.common import PicochatError, autocast_context, distributed_runtime, print0, run_cli
 from picochat.engine import Engine
-from picochat.report import record
 from picochat.sampling import SamplingParams
 from picochat.tasks import GSM8K
 from picochat.train import flags
-from picochat.train.loop import every, start_afresh, sync_gradients, trim_metrics, wrap_model
+from picochat.train.loop import Evaluation, Trainer, all_reduce_sum, sync_gradients, wrap_model
 
 INPUT_STAGES = ("base", "mid", "sft", "rl")
 
@@ -76,18 +59,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     g = flags.groups(p)
     m = g["input and output"]
-    m.add_argument(
-        "-i", "--stage", choices=INPUT_STAGES, default="sft", help="stage of the checkpoint to start from"
-    )
-    m.add_argument(
-        "--model-tag", default=None, help="model tag to load and save under (default: the deepest d<N>)"
-    )
-    m.add_argument("--step", type=int, default=None, help="step of the input checkpoint (default: latest)")
+    flags.add_input_args(m, "sft", INPUT_STAGES)
     flags.add_source_arg(m, "GSM8K copy")
-    r = g["batch and horizon"]
-    r.add_argument(
-        "--num-iterations", type=int, default=-1, help="optimiser steps; -1 = one pass over the questions"
+    g["model"].add_argument(
+        "--max-seq-len",
+        type=int,
+        default=-1,
+        help="longest prompt + reply in tokens (longer questions are left out); -1 = the model's context",
     )
+    r = g["batch and horizon"]
+    flags.add_horizon_args(r, "one pass over the questions")
     r.add_argument("--examples-per-step", type=int, default=16, help="questions per step over all processes")
     r.add_argument("--num-samples", type=int, default=16, help="replies sampled per question (the group)")
     r.add_argument(
@@ -97,27 +78,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     r.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
     r.add_argument("--seed", type=int, default=42, help="seed of the sampling")
-    o = g["optimisation"]
-    o.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
-    o.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
-    o.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the AdamW groups")
-    o.add_argument("--init-lr-frac", type=float, default=0.05, help="start at this fraction of the LRs above")
+    flags.add_optim_args(g["optimisation"], init_lr_frac=0.05)
+    p.set_defaults(grad_clip=0.0)  # RL does not clip, as in nanochat
     e = g["evaluation, logging and checkpoints"]
-    e.add_argument(
-        "--eval-every", type=int, default=60, help="pass@k on held-out questions every N steps (0 = end only)"
-    )
+    flags.add_output_args(e, "rl", eval_every=60, save_every=60)
     e.add_argument(
         "--eval-examples", type=int, default=400, help="GSM8K test questions for pass@k (0 = no evaluation)"
-    )
-    e.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (0 = end only)")
-    e.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0 = all)")
-    e.add_argument("--run", default=None, help="metrics folder name (default: rl_<model tag>)")
-    e.add_argument("--resume", action="store_true", help="continue from the latest rl checkpoint of this tag")
-    e.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh even if this model tag already has rl checkpoints",
     )
     flags.add_runtime_args(g["runtime"])
     return p
@@ -165,11 +131,6 @@ def pass_at_k_counts(outcomes: torch.Tensor) -> torch.Tensor:
     return outcomes.cummax(dim=1).values.sum(dim=0)
 
 
-def lr_decay(step: int, num_steps: int) -> float:
-    """The learning-rate multiplier: linear from 1 at step 0 to 0 at num_steps."""
-    return 1.0 - step / num_steps
-
-
 def sampling_seed(seed: int, stream: str, index: int) -> int:
     """A distinct, reproducible sampling seed for question `index` of a stream ("train" or "eval"):
     even numbers for training questions, odd ones for evaluation questions."""
@@ -180,18 +141,6 @@ def sampling_seed(seed: int, stream: str, index: int) -> int:
 # The run
 
 
-@dataclasses.dataclass
-class LoopState:
-    """What a resumed run must continue besides weights and optimiser state."""
-
-    step: int = 0
-    num_steps: int = 0
-    next_question: int = 0  # position in the endless cycle over the training questions
-    train_seconds: float = 0.0
-    reward: float = float("nan")  # mean reward of the last step
-    pass_at_k: dict[str, float] = dataclasses.field(default_factory=dict)  # of the last evaluation
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = flags.parse(build_parser(prog), argv)
     with distributed_runtime(args.device_type) as (rank, world_size, device):
@@ -199,29 +148,36 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-class RLTrainer:
-    """One RL run: load the input (or the run to resume), roll out, update, evaluate, save."""
+class RLTrainer(Trainer):
+    """One RL run on the shared loop: a step's batch is the rollouts of its questions with their
+    advantages, its evaluation pass@k; the data position is the next training question."""
+
+    stage = "rl"
 
     def __init__(self, args: argparse.Namespace, rank: int, world_size: int, device: torch.device) -> None:
         _check_args(args, world_size)
-        self.args, self.rank, self.world_size, self.device = args, rank, world_size, device
-        self.model_tag = args.model_tag or find_model_tag(args.stage)
-        self.ckpt_dir = checkpoint_dir_for("rl", self.model_tag)
-        self.run_dir = get_base_dir() / "runs" / (args.run or f"rl_{self.model_tag}")
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.resumed = check_resume(self.ckpt_dir, args.resume, args.overwrite)
-
+        model_tag = args.model_tag or find_model_tag(args.stage)
+        run_name = args.run or f"rl_{model_tag}"
+        super().__init__(args, rank, world_size, device, checkpoint_dir_for("rl", model_tag), run_name)
+        self.model_tag = model_tag
         stage, step = ("rl", None) if self.resumed else (args.stage, args.step)
-        self.model, self.tokenizer, meta = load_model(stage, self.model_tag, step, device, phase="train")
+        self.model, self.tokenizer, meta = load_model(stage, model_tag, step, device, phase="train")
         # the checkpoint this run started from (a resumed run keeps its original input)
-        started_from = {"stage": args.stage, "model_tag": self.model_tag, "step": meta["step"]}
+        started_from = {"stage": args.stage, "model_tag": model_tag, "step": meta["step"]}
         self.input = meta["input"] if self.resumed else started_from
+        context = self.model.config.sequence_len
+        self.seq_len = args.max_seq_len if args.max_seq_len > 0 else context
+        if self.seq_len > context:
+            raise PicochatError(
+                f"--max-seq-len {self.seq_len} is longer than the model's context ({context}); lower it"
+            )
         self.engine = Engine(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.encode_special("<|assistant_end|>")
         self.task = GSM8K("train", source=args.source)  # scores replies to any GSM8K question
         self.train_questions = self._fitting(self.task)
         self.eval_questions = self._fitting(GSM8K("test", source=args.source))[: args.eval_examples]
-
+        self.flops_per_token = float(self.model.estimate_flops())
+        self.schedule = (0.0, 1.0, 0.0)  # linear decay from 1 to 0 over the run
         self.optimizers = self.model.setup_optimizers(
             unembedding_lr=args.unembedding_lr * args.init_lr_frac,
             embedding_lr=args.embedding_lr * args.init_lr_frac,
@@ -229,103 +185,59 @@ class RLTrainer:
             weight_decay=args.weight_decay,
         )
         default_steps = max(1, len(self.train_questions) // args.examples_per_step)
-        self.state = LoopState(num_steps=args.num_iterations if args.num_iterations > 0 else default_steps)
-        if self.resumed:
-            self._restore(meta)
+        self.start(args.num_iterations if args.num_iterations > 0 else default_steps)
+        data = self.restore(with_weights=False) if self.resumed else None
+        self.next_question = data["next_question"] if data else 0  # position in the endless cycle
         self.train_model = wrap_model(self.model, world_size, compile_model=False)
         print0(
-            f"RL from {self.input['stage']}/{self.model_tag} step {self.input['step']}: "
+            f"RL from {self.input['stage']}/{model_tag} step {self.input['step']}: "
             f"{len(self.train_questions):,} training questions, {len(self.eval_questions)} for pass@k, "
-            f"{self.state.num_steps} steps of {args.examples_per_step} questions x {args.num_samples} samples"
+            f"{self.state.horizon} steps of {args.examples_per_step} questions x {args.num_samples} samples"
         )
 
-    # -- set-up helpers
-
     def _fitting(self, task: GSM8K) -> list[dict[str, Any]]:
-        """The task's questions whose prompt leaves room for --max-new-tokens in the model's context."""
-        room = self.model.config.sequence_len - self.args.max_new_tokens
+        """The task's questions whose prompt leaves room for --max-new-tokens within --max-seq-len."""
+        room = self.seq_len - self.args.max_new_tokens
         questions = [conv for conv in task if len(self.tokenizer.render_for_completion(conv)) <= room]
         if not questions:
             raise PicochatError(
-                f"no GSM8K {task.split} question fits the model's context ({self.model.config.sequence_len} "
-                f"tokens) with --max-new-tokens {self.args.max_new_tokens}; lower --max-new-tokens"
+                f"no GSM8K {task.split} question fits in {self.seq_len} tokens with --max-new-tokens "
+                f"{self.args.max_new_tokens}; lower --max-new-tokens (or raise --max-seq-len)"
             )
         return questions
 
-    def _restore(self, meta: dict[str, Any]) -> None:
-        ckpt = load_checkpoint(self.ckpt_dir, meta["step"], self.device)
-        restore_optimizers(self.optimizers, ckpt)
-        num_steps = self.state.num_steps
-        self.state = LoopState(**ckpt.meta["loop"])
-        if self.args.num_iterations > 0:  # --num-iterations may extend (or shorten) a run
-            self.state.num_steps = num_steps
-        print0(f"resuming from {ckpt.meta['path']} (step {self.state.step})")
-        if self.rank == 0:
-            trim_metrics(self.metrics_path, self.state.step)
+    # -- the stage's hooks
 
-    # -- the loop
-
-    def run(self) -> dict[str, Any]:
-        args, state = self.args, self.state
-        start_step = state.step
-        if not self.resumed:
-            start_afresh(self.rank, self.ckpt_dir, self.metrics_path)
-        loop_t0 = time.time() - state.train_seconds
-        bar = tqdm(
-            total=state.num_steps, initial=state.step, disable=self.rank != 0, unit="step", dynamic_ncols=True
-        )
-        while True:
-            last = state.step >= state.num_steps
-            handled = self.resumed and state.step == start_step  # evaluated and saved before the stop
-            if not handled and (last or every(args.eval_every, state.step)):
-                self.evaluate()
-            if not handled and state.step > 0 and (last or every(args.save_every, state.step)):
-                self.save()
-            if last:
-                break
-            metrics = self.step()
-            state.train_seconds = time.time() - loop_t0
-            self.log({**metrics, "train_seconds": state.train_seconds})
-            bar.set_postfix(
-                reward=f"{metrics['reward']:.3f}", seq_len=f"{metrics['seq_len']:.0f}", refresh=False
-            )
-            bar.update(1)
-        bar.close()
-        return self.finish()
-
-    def step(self) -> dict[str, Any]:
-        """Roll out this rank's questions, accumulate their gradients, step; metrics over all ranks."""
-        args, state = self.args, self.state
-        t0 = time.time()
+    def forward_backward(self) -> tuple[float, int]:
+        """Roll out this rank's questions and accumulate their gradients; (loss, tokens) over all ranks."""
+        args = self.args
         positions = range(
-            state.next_question + self.rank, state.next_question + args.examples_per_step, self.world_size
+            self.next_question + self.rank, self.next_question + args.examples_per_step, self.world_size
         )
         # sums over this rank's samples: reward, sequence tokens, reply tokens, samples, loss, passes
         totals = torch.zeros(6, dtype=torch.float64, device=self.device)
         for i, position in enumerate(positions):
             last_question = i == len(positions) - 1
             totals += self.learn_from(position, len(positions), last_question).to(self.device)
-        totals = _all_reduce_sum(totals, self.world_size)
-        lrm = lr_decay(state.step, state.num_steps)
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-            opt.step()
-        self.model.zero_grad(set_to_none=True)
-        state.step += 1
-        state.next_question += args.examples_per_step
+        totals = all_reduce_sum(totals)
+        self.next_question += args.examples_per_step
         samples = totals[3].item()
-        state.reward = totals[0].item() / samples
-        return {
-            "step": state.step,
-            "kind": "train",
-            "reward": state.reward,
+        self.step_extra = {
+            "reward": totals[0].item() / samples,
             "seq_len": totals[1].item() / samples,
             "reply_len": totals[2].item() / samples,
-            "loss": totals[4].item() / totals[5].item(),
-            "lr_mult": lrm,
-            "dt": time.time() - t0,
         }
+        return totals[4].item() / totals[5].item(), int(totals[1].item())
+
+    def step(self) -> None:
+        super().step()
+        self.step_fields["reward"] = f"{self.step_extra['reward']:.3f}"
+
+    def data_state(self) -> dict[str, int]:
+        return {"next_question": self.next_question}
+
+    def evaluations(self) -> list[Evaluation]:
+        return [Evaluation(self.args.eval_every if self.eval_questions else -1, self.evaluate_pass_at_k)]
 
     def sampling(self, seed: int) -> SamplingParams:
         """The rollouts' sampling settings, with this question's seed."""
@@ -370,13 +282,14 @@ class RLTrainer:
         )
 
     @torch.no_grad()
-    def evaluate(self) -> None:
+    def evaluate_pass_at_k(self) -> dict[str, float]:
         """pass@k for k = 1..num_samples on the held-out questions (split across ranks)."""
         args = self.args
-        if not self.eval_questions:
-            return
         outcomes = []
-        for index in range(self.rank, len(self.eval_questions), self.world_size):
+        mine = range(self.rank, len(self.eval_questions), self.world_size)
+        for index in tqdm(
+            mine, desc="pass@k", leave=False, disable=self.rank != 0 or not sys.stdout.isatty()
+        ):
             conversation = self.eval_questions[index]
             prompt = self.tokenizer.render_for_completion(conversation)
             sequences, _ = self.engine.generate_batch(
@@ -387,67 +300,25 @@ class RLTrainer:
         outcomes_t = torch.tensor(outcomes, dtype=torch.float64, device=self.device)
         counts = pass_at_k_counts(outcomes_t.view(-1, args.num_samples))
         count = torch.tensor([len(outcomes)], dtype=torch.float64, device=self.device)
-        totals = _all_reduce_sum(torch.cat([counts, count]), self.world_size)
+        totals = all_reduce_sum(torch.cat([counts, count]))
         n = max(1.0, totals[-1].item())
-        self.state.pass_at_k = {f"pass@{k + 1}": c / n for k, c in enumerate(totals[:-1].tolist())}
-        if self.rank == 0:
-            shown = ", ".join(f"{name} {value:.4f}" for name, value in self.state.pass_at_k.items())
-            tqdm.write(f"step {self.state.step:5d} | {shown}")
-        self.log(
-            {
-                "step": self.state.step,
-                "kind": "eval",
-                **self.state.pass_at_k,
-                "train_seconds": self.state.train_seconds,
-            }
-        )
+        return {f"pass@{k + 1}": c / n for k, c in enumerate(totals[:-1].tolist())}
 
-    def save(self) -> None:
-        meta = {
-            "model_config": dataclasses.asdict(self.model.config),
-            "train_config": vars(self.args),
-            "loop": dataclasses.asdict(self.state),
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"input": self.input}
+
+    def summary_extra(self) -> dict[str, Any]:
+        args, figures = self.args, self.state.figures
+        return {
             "input": self.input,
-        }
-        save_checkpoint(
-            self.ckpt_dir,
-            self.state.step,
-            self.model.state_dict(),
-            [opt.state_dict() for opt in self.optimizers],
-            meta,
-            shard_optim=any(getattr(opt, "sharded_state", False) for opt in self.optimizers),
-            keep_last=self.args.keep_last or None,
-        )
-
-    def log(self, row: dict[str, Any]) -> None:
-        if self.rank == 0:
-            append_jsonl(self.metrics_path, row)
-
-    def finish(self) -> dict[str, Any]:
-        state, args = self.state, self.args
-        summary = {
-            "input": self.input,
-            "model_tag": self.model_tag,
-            "steps": state.step,
             "examples_per_step": args.examples_per_step,
             "num_samples": args.num_samples,
             "max_new_tokens": args.max_new_tokens,
             "init_lr_frac": args.init_lr_frac,
-            "processes": self.world_size,
-            "device": self.device.type,
-            "train_minutes": state.train_seconds / 60,
-            "final_reward": state.reward,
+            "final_reward": self.step_extra.get("reward", math.nan),
             "eval_examples": len(self.eval_questions),
-            "pass_at_k": state.pass_at_k,
-            "metrics": str(self.metrics_path),
-            "checkpoint_dir": str(self.ckpt_dir),
+            "pass_at_k": {k: v for k, v in figures.items() if k.startswith("pass@")},
         }
-        if self.rank == 0:
-            record("rl", summary)
-            atomic_write_json(self.run_dir / "summary.json", summary)
-            pass1 = state.pass_at_k.get("pass@1", math.nan)
-            print0(f"done: {state.step} steps, pass@1 {pass1:.4f}; checkpoints in {self.ckpt_dir}")
-        return summary
 
 
 def _check_args(args: argparse.Namespace, world_size: int) -> None:
@@ -464,12 +335,6 @@ def _check_args(args: argparse.Namespace, world_size: int) -> None:
         raise PicochatError(
             f"--examples-per-step {args.examples_per_step} must be a multiple of the {world_size} processes"
         )
-
-
-def _all_reduce_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        dist.all_reduce(t)
-    return t
 
 
 if __name__ == "__main__":
