@@ -2,9 +2,9 @@
 
 A checkpoint is a folder `<checkpoint_dir>/step_<NNNNNN>/` holding
   - `model.safetensors`: the model's state dict;
-  - `optim.safetensors` (or `optim_rank<R>.safetensors`, one per rank, when the optimiser state is
-    sharded across ranks): every optimiser's state dict, its tensors flattened to string keys and the
-    rest of the structure (param groups, hyperparameters) stored as JSON in the safetensors header;
+  - `optim.safetensors` (written by rank 0: every rank holds the same state): every optimiser's state
+    dict, its tensors flattened to string keys and the rest of the structure (param groups,
+    hyperparameters) stored as JSON in the safetensors header;
   - `meta.json`: the caller's metadata (model config, training config, metrics...), the step, each
     rank's own state (data-loader position, RNG states) and the size + sha256 of every file above.
 The folder is written under a hidden temporary name and renamed into place only once complete, so a
@@ -45,6 +45,7 @@ from picochat.state_tree import flatten_state, unflatten_state
 
 STAGES = ("base", "mid", "sft", "rl")
 MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optim.safetensors"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _TMP_PREFIX = ".tmp_step_"
@@ -210,11 +211,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def optim_file(rank: int | None) -> str:
-    """File name of the optimiser state: one shared file, or one per rank when sharded."""
-    return "optim.safetensors" if rank is None else f"optim_rank{rank:03d}.safetensors"
-
-
 def save_checkpoint(
     checkpoint_dir: str | Path,
     step: int,
@@ -223,14 +219,12 @@ def save_checkpoint(
     meta: dict[str, Any],
     *,
     rank_state: dict[str, Any] | None = None,
-    shard_optim: bool = False,
     keep_last: int | None = None,
 ) -> Path:
     """Write `<checkpoint_dir>/step_<step>/` atomically and return its path.
 
     Call it on every rank when running distributed (it synchronises them); rank 0 writes the model,
-    meta.json and, unless `shard_optim`, the optimiser state. With `shard_optim=True` every rank writes
-    its own `optim_rank<R>.safetensors` (for optimisers that keep only their shard of the state).
+    meta.json and the optimiser state (replicated on every rank, see picochat.optim).
     `rank_state` (JSON: data-loader position, RNG states) is gathered from every rank into
     meta["ranks"]. `meta` must hold "model_config" for `load_model` to rebuild the model.
     `keep_last=K` deletes all but the K most recent checkpoints afterwards.
@@ -251,11 +245,10 @@ def save_checkpoint(
             if model_state is None:
                 raise ValueError("rank 0 must pass the model state to save_checkpoint")
             files[MODEL_FILE] = _write_safetensors(tmp / MODEL_FILE, model_state, {"format": "pt"})
-        if optim_state is not None and (shard_optim or rank == 0):
-            name = optim_file(rank if shard_optim else None)
+        if optim_state is not None and rank == 0:
             tensors, tree = flatten_state(optim_state)
             header = {"format": _OPTIM_FORMAT, "structure": json.dumps(tree)}
-            files[name] = _write_safetensors(tmp / name, tensors, header)
+            files[OPTIM_FILE] = _write_safetensors(tmp / OPTIM_FILE, tensors, header)
 
         gathered: list[Any] = [(rank_state, files)]
         if world_size > 1:
@@ -267,7 +260,6 @@ def save_checkpoint(
                 **meta,
                 "step": step,
                 "world_size": world_size,
-                "optim_sharded": bool(shard_optim and optim_state is not None),
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "ranks": [state for state, _ in gathered],
                 "files": all_files,
@@ -392,10 +384,10 @@ def load_checkpoint(
 
     Refuses, with a PicochatError naming the file and the fix, a checkpoint whose files are missing,
     truncated, corrupt or unparsable, whose meta.json lacks a field or has a wrong type, or whose
-    weights are not finite. When distributed, each rank gets its own optimiser shard and
-    its own entry of meta["ranks"] as meta["rank_state"].
+    weights are not finite. When distributed, each rank gets its own entry of meta["ranks"] as
+    meta["rank_state"].
     """
-    rank, world_size = _dist_world()
+    rank, _ = _dist_world()
     folder = _resolve_step(Path(checkpoint_dir), step)
     meta = _read_meta(folder)
     model_path = _verify(folder, MODEL_FILE, meta)
@@ -403,16 +395,8 @@ def load_checkpoint(
     _checked(model_path, checks.check_finite, model_state, cause=_DIVERGED)
 
     optim_state = None
-    sharded = meta.get("optim_sharded", False)
-    if sharded and world_size != meta["world_size"]:
-        raise PicochatError(
-            f"{folder} holds optimiser state sharded over {meta['world_size']} ranks but this run has "
-            f"{world_size}; resume with the same number of processes (torchrun --nproc_per_node="
-            f"{meta['world_size']}), or load it without the optimiser"
-        )
-    name = optim_file(rank if sharded else None)
-    if load_optim and name in meta["files"]:
-        path = _verify(folder, name, meta)
+    if load_optim and OPTIM_FILE in meta["files"]:
+        path = _verify(folder, OPTIM_FILE, meta)
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
         if header.get("format") != _OPTIM_FORMAT:

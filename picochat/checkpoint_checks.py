@@ -25,7 +25,7 @@ def check_meta_structure(meta: Any) -> None:
             raise ValueError(f"has no size for {name}")
         if not isinstance(record.get("sha256"), str):
             raise ValueError(f"has no sha256 for {name}")
-    expected = {"step": int, "world_size": int, "optim_sharded": bool, "ranks": list}
+    expected = {"step": int, "world_size": int, "ranks": list}
     for key, kind in expected.items():
         value = meta.get(key)
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):

@@ -14,8 +14,7 @@ Distributed design (torch.distributed initialised, e.g. under torchrun):
   - The trainer all-reduces (averages) every gradient before `step()`, so all ranks see the same
     gradients and hold the same weights and optimiser state.
   - Every rank updates every Muon momentum buffer (cheap elementwise work) so the state stays
-    replicated: checkpoints hold one optimiser state that resumes on any number of ranks
-    (`sharded_state = False`).
+    replicated: checkpoints hold one optimiser state that resumes on any number of ranks.
   - The expensive part, Newton-Schulz, is split: parameters are grouped by shape; within a group of
     n matrices rank r orthogonalises the r-th contiguous block of ceil(n / world) of them as one
     batched tensor, then one `all_gather` per group gives every rank all n updates, which every rank
@@ -70,8 +69,6 @@ class Muon(torch.optim.Optimizer):
     Parameters are put in one param group per shape (sorted, so every rank builds the same groups);
     each group has lr, momentum and nesterov. State per parameter: "momentum_buffer".
     """
-
-    sharded_state = False  # every rank holds the full state (see the module docstring)
 
     def __init__(
         self,

@@ -20,37 +20,30 @@ EVAL_PER_TASK="${EVAL_PER_TASK:-100}"
 CORE_PER_TASK="${CORE_PER_TASK:-100}"
 
 t_start=$(date +%s)
-stage() {  # stage NAME MODULE CMD...: run one step, print its time; stop cleanly if the stage is missing
-  local name="$1" module="$2"; shift 2
-  if ! "${PICOCHAT_VENV:-$REPO/.venv}/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$module') is None)"; then
-    echo "==> $name: not available in this version of picochat yet; the pipeline stops here."
-    finish
-    exit 0
-  fi
+stage() {  # stage NAME CMD...: run one step and print its time
+  local name="$1"; shift
   echo "==> $name"
   local t0; t0=$(date +%s)
   "$@"
   echo "==> $name done in $(( $(date +%s) - t0 )) s"
 }
 finish() {
-  if "${PICOCHAT_VENV:-$REPO/.venv}/bin/python" -c "import picochat.report as r, sys; sys.exit(not hasattr(r, 'main'))"; then
-    "$PICO" report --out "$REPO/report.md" && echo "==> report: $REPO/report.md"
-  fi
+  "$PICO" report --out "$REPO/report.md" && echo "==> report: $REPO/report.md"
   echo "==> total $(( ($(date +%s) - t_start) / 60 )) min; artifacts in $PICOCHAT_HOME"
 }
 
-stage "report reset"    picochat.report          "$PICO" report --reset
-stage "tokenizer"       picochat.train.tokenizer "$PICO" tokenizer train --vocab-size "$VOCAB_SIZE"
-stage "tokenizer eval"  picochat.evals.tokenizer "$PICO" tokenizer eval
-stage "base training"   picochat.train.base      "$PICO" train base --depth "$DEPTH" --max-minutes "$BASE_MINUTES" --overwrite
-stage "base eval"       picochat.evals.core      "$PICO" eval base --max-per-task "$CORE_PER_TASK"
-stage "mid-training"    picochat.train.mid       "$PICO" train mid --max-minutes "$MID_MINUTES" --overwrite
-stage "mid eval"        picochat.evals.chat      "$PICO" eval chat -i mid --max-per-task "$EVAL_PER_TASK"
-stage "SFT"             picochat.train.sft       "$PICO" train sft --max-minutes "$SFT_MINUTES" --overwrite
-stage "SFT eval"        picochat.evals.chat      "$PICO" eval chat -i sft --max-per-task "$EVAL_PER_TASK"
-stage "RL"              picochat.train.rl        "$PICO" train rl --num-iterations "$RL_STEPS" --overwrite \
+stage "report reset"    "$PICO" report --reset
+stage "tokenizer"       "$PICO" tokenizer train --vocab-size "$VOCAB_SIZE"
+stage "tokenizer eval"  "$PICO" tokenizer eval
+stage "base training"   "$PICO" train base --depth "$DEPTH" --max-minutes "$BASE_MINUTES" --overwrite
+stage "base eval"       "$PICO" eval base --max-per-task "$CORE_PER_TASK"
+stage "mid-training"    "$PICO" train mid --max-minutes "$MID_MINUTES" --overwrite
+stage "mid eval"        "$PICO" eval chat -i mid --max-per-task "$EVAL_PER_TASK"
+stage "SFT"             "$PICO" train sft --max-minutes "$SFT_MINUTES" --overwrite
+stage "SFT eval"        "$PICO" eval chat -i sft --max-per-task "$EVAL_PER_TASK"
+stage "RL"              "$PICO" train rl --num-iterations "$RL_STEPS" --overwrite \
   --examples-per-step 4 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 --eval-every 0 --eval-examples 32
-stage "RL eval"         picochat.evals.chat      "$PICO" eval chat -i rl --max-per-task "$EVAL_PER_TASK"
+stage "RL eval"         "$PICO" eval chat -i rl --max-per-task "$EVAL_PER_TASK"
 finish
 cat <<TXT
 

@@ -150,32 +150,27 @@ def test_rng_state_roundtrip_through_json():
     assert expected[:2] == got[:2] and torch.equal(expected[2], got[2])
 
 
-def _sharded_save_worker(rank: int, world_size: int, folder: str, port: int) -> None:
+def _distributed_save_worker(rank: int, world_size: int, folder: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        shard = [{"state": {0: {"buf": torch.full((2,), float(rank))}}, "param_groups": []}]
+        optim = [{"state": {0: {"buf": torch.full((2,), 3.0)}}, "param_groups": []}]
         model_state = {"w": torch.arange(3.0)} if rank == 0 else None
-        save_checkpoint(folder, 7, model_state, shard, {"x": 1}, rank_state={"rank": rank}, shard_optim=True)
+        save_checkpoint(folder, 7, model_state, optim, {"x": 1}, rank_state={"rank": rank})
         ckpt = load_checkpoint(folder)
-        assert ckpt.meta["rank_state"] == {"rank": rank}
-        assert torch.equal(ckpt.optim_state[0]["state"][0]["buf"], torch.full((2,), float(rank)))
+        assert ckpt.meta["rank_state"] == {"rank": rank}  # each rank gets its own data/RNG state back
+        assert torch.equal(ckpt.optim_state[0]["state"][0]["buf"], torch.full((2,), 3.0))
     finally:
         dist.destroy_process_group()
 
 
-def test_sharded_optimiser_state_is_saved_per_rank(tmp_path):
+def test_distributed_save_writes_one_optimiser_state_and_every_rank_state(tmp_path):
     port = 29500 + os.getpid() % 1000
-    mp.spawn(_sharded_save_worker, args=(2, str(tmp_path), port), nprocs=2)
+    mp.spawn(_distributed_save_worker, args=(2, str(tmp_path), port), nprocs=2)
     folder = step_dir(tmp_path, 7)
-    assert sorted(os.listdir(folder)) == [
-        "meta.json",
-        "model.safetensors",
-        "optim_rank000.safetensors",
-        "optim_rank001.safetensors",
-    ]
-    with pytest.raises(PicochatError, match="sharded over 2 ranks"):
-        load_checkpoint(tmp_path)  # a single process cannot take over a 2-rank optimiser state
+    assert sorted(os.listdir(folder)) == ["meta.json", "model.safetensors", "optim.safetensors"]
+    ckpt = load_checkpoint(tmp_path)  # a single process takes over the replicated optimiser state
+    assert ckpt.meta["ranks"] == [{"rank": 0}, {"rank": 1}] and ckpt.optim_state is not None
 
 
 def test_load_model_rebuilds_the_deepest_tag(tmp_path, monkeypatch):

@@ -18,7 +18,6 @@ import openai
 import pytest
 from serve_fakes import NOTICE, FakeBackend, ServerThread, echo_text
 
-from picochat.common import PicochatError
 from picochat.serve import app as serve_app
 from picochat.serve.app import create_app
 from picochat.serve.backend import ShuttingDownError
@@ -397,12 +396,6 @@ def test_sixteen_concurrent_streams(client):
 
 # ---------------------------------------------------------------------------------------------
 # The CLI
-
-
-def test_main_without_batching_backend_explains(monkeypatch):
-    monkeypatch.setitem(sys.modules, "picochat.serve.batching", None)
-    with pytest.raises(PicochatError, match="batching"):
-        serve_app.main(["--port", "0"])
 
 
 def test_main_builds_backend_and_runs_uvicorn(monkeypatch):

@@ -253,16 +253,8 @@ def _own_names(host: str) -> list[str]:
 
 
 def _load_backends(args: argparse.Namespace) -> list[Backend]:
-    try:
-        from picochat.serve.batching import ContinuousBatchingBackend
-    except ModuleNotFoundError as e:
-        if e.name != "picochat.serve.batching":
-            raise
-        raise PicochatError(
-            "the generation backend (picochat/serve/batching.py) is not part of this install yet; "
-            "update picochat to a version that has it"
-        ) from e
     from picochat.chat import default_stage  # (imports torch: only when serving a real model)
+    from picochat.serve.batching import ContinuousBatchingBackend
 
     if args.model:
         if args.stage or args.model_tag or args.step is not None:
