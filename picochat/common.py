@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,6 +146,16 @@ def print0(*args: Any, **kwargs: Any) -> None:
     """print() on rank 0 only, so torchrun logs are not repeated N times."""
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+def pass_bar(iterable: Any, desc: str, total: int | None = None) -> Any:
+    """`iterable` wrapped in a transient tqdm bar on rank 0 when stdout is a terminal; in a log file
+    or pipe (and on other ranks) the plain iterable, so validation passes add nothing noisy to logs."""
+    if get_rank() != 0 or not sys.stdout.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
 def init_runtime(device_type: str = "") -> tuple[bool, int, int, int, torch.device]:

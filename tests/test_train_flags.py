@@ -72,3 +72,18 @@ def test_depth_1000_is_refused_before_allocating():
         model = GPT(GPTConfig(sequence_len=512, vocab_size=65536, **model_shape(1000, 64, 64)))
     with pytest.raises(PicochatError, match="lower --depth"):
         check_memory(model, torch.device("cpu"), BYTES_PER_PARAM)
+
+
+def test_validation_passes_show_a_bar_on_a_terminal_only(monkeypatch, capsys):
+    from tqdm import tqdm
+
+    from picochat.common import pass_bar
+
+    steps = range(3)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert pass_bar(steps, "val bpb") is steps  # a log file or pipe gets nothing from the pass
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    bar = pass_bar(steps, "val bpb")
+    assert isinstance(bar, tqdm) and list(bar) == [0, 1, 2] and not bar.leave
+    monkeypatch.setenv("RANK", "1")
+    assert pass_bar(steps, "val bpb") is steps  # only rank 0 draws

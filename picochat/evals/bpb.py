@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from picochat.common import pass_bar
+
 
 @torch.no_grad()
 def evaluate_bpb(
@@ -36,7 +38,7 @@ def evaluate_bpb(
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
     total_nats = torch.zeros((), dtype=acc_dtype, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    for _ in range(steps):
+    for _ in pass_bar(range(steps), "val bpb"):
         inputs, targets = next(batches)
         loss = model(inputs, targets, loss_reduction="none").reshape(-1)
         targets = targets.reshape(-1)

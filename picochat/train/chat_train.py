@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from picochat.checkpoint import checkpoint_dir_for, find_model_tag, load_model
-from picochat.common import PicochatError, autocast_context, distributed_runtime, print0
+from picochat.common import PicochatError, autocast_context, distributed_runtime, pass_bar, print0
 from picochat.tasks import Task
 from picochat.train import flags
 from picochat.train.loop import IGNORE, Evaluation, Trainer, accumulate_gradients, all_reduce_sum, wrap_model
@@ -290,7 +290,7 @@ class ChatTrainer(Trainer):
         mine = max(1, rows // self.world_size)
         val_rows = self._rows(self.val_task, None, self.args.device_batch_size)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for start in range(0, mine, self.args.device_batch_size):
+        for start in pass_bar(range(0, mine, self.args.device_batch_size), "val loss"):
             val_rows.batch_size = min(self.args.device_batch_size, mine - start)
             inputs, targets = next(val_rows)
             with autocast_context(self.device):

@@ -29,14 +29,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from picochat.checkpoint import checkpoint_dir_for, find_model_tag, load_model
-from picochat.common import PicochatError, autocast_context, distributed_runtime, print0, run_cli
+from picochat.common import (
+    PicochatError,
+    autocast_context,
+    distributed_runtime,
+    pass_bar,
+    print0,
+    run_cli,
+)
 from picochat.engine import Engine
 from picochat.sampling import SamplingParams
 from picochat.tasks import GSM8K
@@ -287,9 +292,7 @@ class RLTrainer(Trainer):
         args = self.args
         outcomes = []
         mine = range(self.rank, len(self.eval_questions), self.world_size)
-        for index in tqdm(
-            mine, desc="pass@k", leave=False, disable=self.rank != 0 or not sys.stdout.isatty()
-        ):
+        for index in pass_bar(mine, "pass@k"):
             conversation = self.eval_questions[index]
             prompt = self.tokenizer.render_for_completion(conversation)
             sequences, _ = self.engine.generate_batch(
