@@ -44,14 +44,14 @@ def default_stage() -> str:
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     """The sampling flags as SamplingParams, or one PicochatError line naming the bad flag."""
-    if args.max_tokens < 1:
-        raise PicochatError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.max_new_tokens < 1:
+        raise PicochatError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     try:
         return SamplingParams(
             temperature=args.temperature,
             top_k=args.top_k or None,
             top_p=args.top_p,
-            max_tokens=args.max_tokens,
+            max_tokens=args.max_new_tokens,
             seed=args.seed,
         )
     except ValueError as e:
@@ -87,7 +87,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass"
     )
-    parser.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest reply, in tokens")
     parser.add_argument(
         "--system", default=None, help="system prompt, prepended to the first user message (/system in chat)"
     )

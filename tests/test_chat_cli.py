@@ -21,7 +21,7 @@ from picochat.common import PicochatError
         (["-k", "-5"], "-k/--top-k"),
         (["--top-p", "0"], "--top-p"),
         (["--top-p", "nan"], "--top-p"),
-        (["--max-tokens", "0"], "--max-tokens"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
     ],
 )
 def test_bad_sampling_flags_give_one_line(flags, named, monkeypatch):

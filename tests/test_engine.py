@@ -218,7 +218,7 @@ def test_prompt_budget_leaves_room_for_the_reply():
 def test_chat_one_shot_on_a_tiny_checkpoint(tok, model, tmp_path, monkeypatch):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))  # read by the subprocess too
     tok.save(tmp_path / "tokenizer")
-    cmd = [sys.executable, "-m", "picochat.chat", "-p", "What is 2+3?", "-t", "0", "--max-tokens", "12"]
+    cmd = [sys.executable, "-m", "picochat.chat", "-p", "What is 2+3?", "-t", "0", "--max-new-tokens", "12"]
 
     missing = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1
@@ -232,7 +232,7 @@ def test_chat_one_shot_on_a_tiny_checkpoint(tok, model, tmp_path, monkeypatch):
 
     # Interactive: two exchanges, /clear, and Ctrl-D (end of input) to leave.
     session = subprocess.run(
-        [sys.executable, "-m", "picochat.chat", "-t", "0", "--max-tokens", "4", "--system", "Be brief."],
+        [sys.executable, "-m", "picochat.chat", "-t", "0", "--max-new-tokens", "4", "--system", "Be brief."],
         input="hello\n/clear\nWhat is 2+3?\n",
         capture_output=True,
         text=True,
@@ -258,7 +258,7 @@ def test_chat_shows_tool_calls_and_dropped_turns(tok, capsys):
         sp(tok, "assistant_end"),
     ]
     engine = scripted_engine(tok, tokens, script)
-    args = Namespace(system=None, max_tokens=20, temperature=0.0, top_k=50, top_p=1.0, seed=None)
+    args = Namespace(system=None, max_new_tokens=20, temperature=0.0, top_k=50, top_p=1.0, seed=None)
     out = io.StringIO()
     chat = Chat(engine, args, out)
     chat.reply("What is 2+3?")

@@ -345,7 +345,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         choices=("bundled", "hub"),
         help="task data: bundled copy or the HF hub",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="multiple-choice questions per forward pass")
+    p.add_argument(
+        "--device-batch-size", type=int, default=8, help="multiple-choice questions per forward pass"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest generated reply, in tokens")
@@ -360,7 +362,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace) -> None:
     problems = {
         "--max-per-task must be -1 (all) or at least 1": args.max_per_task == 0 or args.max_per_task < -1,
-        "--batch-size must be at least 1": args.batch_size < 1,
+        "--device-batch-size must be at least 1": args.device_batch_size < 1,
         "--num-samples must be at least 1": args.num_samples < 1,
         "--max-new-tokens must be at least 1": args.max_new_tokens < 1,
         "--temperature must be 0 (greedy) or positive": args.temperature < 0,
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             args.max_per_task,
             args.source,
             progress=rank == 0,
-            batch_size=args.batch_size,
+            batch_size=args.device_batch_size,
             num_samples=args.num_samples,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
