@@ -127,6 +127,7 @@ def test_short_run_saves_reloads_records_and_resumes(tmp_path, monkeypatch):
     section = json.loads((get_base_dir() / "report" / "rl.json").read_text())
     assert section["steps"] == 3 and section["model_tag"] == MODEL_TAG
     assert set(section["pass_at_k"]) == {"pass@1", "pass@2", "pass@3", "pass@4"}
+    assert 0.0 <= section["final_reward"] <= 1.0 and section["final_reward"] == train[-1]["reward"]
 
     with pytest.raises(PicochatError, match="--resume"):  # refuses to silently replace the run
         main([*TINY, "--num-iterations", "3"])

@@ -232,6 +232,7 @@ class RLTrainer(Trainer):
             "seq_len": totals[1].item() / samples,
             "reply_len": totals[2].item() / samples,
         }
+        self.state.figures["reward"] = self.step_extra["reward"]  # kept across --resume for the summary
         return totals[4].item() / totals[5].item(), int(totals[1].item())
 
     def step(self) -> None:
@@ -318,7 +319,7 @@ class RLTrainer(Trainer):
             "num_samples": args.num_samples,
             "max_new_tokens": args.max_new_tokens,
             "init_lr_frac": args.init_lr_frac,
-            "final_reward": self.step_extra.get("reward", math.nan),
+            "final_reward": figures.get("reward", math.nan),
             "eval_examples": len(self.eval_questions),
             "pass_at_k": {k: v for k, v in figures.items() if k.startswith("pass@")},
         }
