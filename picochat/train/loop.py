@@ -54,7 +54,7 @@ from picochat.common import (
 )
 from picochat.optim import Muon
 from picochat.report import record
-from picochat.train.flops import peak_flops
+from picochat.train.flops import peak_flops, raise_peak
 
 EMA_BETA = 0.9  # smoothing of the displayed training loss
 IGNORE = -1  # target value the loss skips
@@ -385,7 +385,12 @@ class Trainer:
         state.smooth_loss = EMA_BETA * state.smooth_loss + (1 - EMA_BETA) * loss
         shown_loss = state.smooth_loss / (1 - EMA_BETA**state.step)  # debiased EMA
         tok_per_sec = tokens / dt
-        mfu = 100 * self.flops_per_token * tok_per_sec / (self.peak * self.world_size)
+        achieved = self.flops_per_token * tok_per_sec / self.world_size  # FLOP/s per process
+        peak, self.peak_source = raise_peak(self.device, achieved, self.peak, self.peak_source)
+        if peak != self.peak:
+            print0(f"peak FLOP/s raised: {self.peak_source}")
+            self.peak = peak
+        mfu = 100 * achieved / self.peak
         self.mfus.append(mfu)
         self.step_fields = {
             "loss": f"{shown_loss:.4f}",
