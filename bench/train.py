@@ -3,9 +3,9 @@
     .venv/bin/python bench/train.py --depths 4 6 8 --device-batch-size 8
 
 For each depth (width = depth * 64, head dim 64, vocab 32768, sequence 512, 16,384 tokens per optimiser
-step by default) a fresh subprocess builds the GPT and its optimisers and runs full training steps
-exactly as the trainer does (gradient accumulation over micro-batches of --device-batch-size rows,
-gradient clipping, AdamW + Muon). Reported per depth:
+step by default) a fresh subprocess (this process, for a single depth) builds the GPT and its
+optimisers and runs full training steps exactly as the trainer does (gradient accumulation over
+micro-batches of --device-batch-size rows, gradient clipping, AdamW + Muon). Reported per depth:
   - tok/s: tokens per second of the timed steps (median step time), after --warmup-steps steps;
   - MFU: model FLOPs (GPT.estimate_flops() per token) per second over the peak FLOP/s of
     picochat/train/flops.py (a GPU's datasheet bf16 peak; on a CPU the cached best-of-rounds matmul
@@ -31,6 +31,7 @@ import sys
 import time
 
 RESULT_PREFIX = "BENCH_RESULT "
+START = time.time()  # the in-process "first step" clock starts here (after the interpreter started)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.depth:
-        return worker(args)
+        print(RESULT_PREFIX + json.dumps(worker(args)), flush=True)
+        return 0
     rows = args.total_batch_size // args.seq_len
     print(
         f"config: depths {args.depths}, seq_len {args.seq_len}, vocab {args.vocab_size}, width = depth * "
@@ -73,7 +75,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_depth(args: argparse.Namespace, depth: int) -> dict:
-    """Run one depth in a fresh interpreter and return its result record."""
+    """Run one depth in a fresh interpreter (in this one when it is the only depth) and return its record.
+
+    A subprocess per depth keeps each depth's peak RSS and start-up time separate; a single depth runs
+    here to save one interpreter and torch import (runs/gpu_check.sh --dry).
+    """
+    if len(args.depths) == 1:
+        result = worker(argparse.Namespace(**{**vars(args), "depth": depth, "launch_time": START}))
+    else:
+        result = run_subprocess(args, depth)
+    print(
+        f"depth {depth}: {result['tok_per_sec']:,.0f} tok/s, MFU {result['mfu']:.1f}%, "
+        f"peak RSS {result['peak_rss_gb']:.2f} GB, peak CUDA memory {result['peak_cuda_gb']:.2f} GB, "
+        f"first step at {result['first_step_s']:.1f} s, "
+        f"step times {', '.join(f'{t:.2f}' for t in result['step_times'])} s",
+        flush=True,
+    )
+    return result
+
+
+def run_subprocess(args: argparse.Namespace, depth: int) -> dict:
+    """Run `worker` for one depth in a fresh interpreter and read back its result line."""
     settings = ["device_batch_size", "total_batch_size", "seq_len", "vocab_size", "aspect_ratio"]
     settings += ["head_dim", "warmup_steps", "steps", "threads", "device", "dtype"]
     cmd = [sys.executable, os.path.abspath(__file__), "--depth", str(depth)]
@@ -86,18 +108,11 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"depth {depth}: benchmark subprocess failed (exit {proc.returncode})")
-    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
-    print(
-        f"depth {depth}: {result['tok_per_sec']:,.0f} tok/s, MFU {result['mfu']:.1f}%, "
-        f"peak RSS {result['peak_rss_gb']:.2f} GB, peak CUDA memory {result['peak_cuda_gb']:.2f} GB, "
-        f"first step at {result['first_step_s']:.1f} s, "
-        f"step times {', '.join(f'{t:.2f}' for t in result['step_times'])} s",
-        flush=True,
-    )
-    return result
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
-def worker(args: argparse.Namespace) -> int:
+def worker(args: argparse.Namespace) -> dict:
+    """Build the GPT of `args.depth`, time its training steps and return the result record."""
     import torch
 
     from picochat.common import synchronize
@@ -176,8 +191,7 @@ def worker(args: argparse.Namespace) -> int:
         "first_step_s": first_step_s,
         "step_times": times,
     }
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-    return 0
+    return result
 
 
 def print_table(results: list[dict]) -> None:
