@@ -43,7 +43,7 @@ if [ "$DRY" = 1 ]; then
   BENCH_TRAIN=(--depths 2 --seq-len 64 --device-batch-size 2 --total-batch-size 128 --vocab-size 512
                --steps 1 --warmup-steps 0)
   BENCH_INFER=(--depth 2 --width 64 --vocab 512 --prompt-tokens 16 --new-tokens 16)
-  BASE=(--depth 1 --max-seq-len 64 --device-batch-size 2 --total-batch-size 128 --num-iterations 2)
+  BASE=(--depth 1 --max-seq-len 256 --device-batch-size 2 --total-batch-size 512 --num-iterations 2)
   SFT=(--device-batch-size 2 --target-examples-per-step 2 --num-iterations 2 --eval-tokens 512
        --eval-metrics-examples 1)
   "$PY" -m picochat.cli tokenizer train --vocab-size 512 --max-chars 50000 >"$OUT_DIR/tokenizer.log" 2>&1
