@@ -397,7 +397,7 @@ class Trainer:
             "lr": f"{lrm:.3f}",
             "grad norm": f"{grad_norm:.3f}",
             "tok/s": f"{tok_per_sec:,.0f}",
-            "MFU": f"{mfu:.2f}%",
+            "MFU": f"{mfu:.2f}% of {self.peak / 1e12:.3g} TFLOP/s",  # the peak used (its source at start)
         }
         row = {"step": state.step, "kind": "train", "loss": loss, "smooth_loss": shown_loss, "lr_mult": lrm}
         row |= {"grad_norm": grad_norm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu}
