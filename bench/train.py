@@ -3,16 +3,20 @@
     .venv/bin/python bench/train.py --depths 4 6 8 --device-batch-size 8
 
 For each depth (width = depth * 64, head dim 64, vocab 32768, sequence 512, 16,384 tokens per optimiser
-step by default) a fresh subprocess builds the GPT and its optimisers and runs full training steps
-exactly as the trainer does (gradient accumulation over micro-batches of --device-batch-size rows,
-gradient clipping, AdamW + Muon). Reported per depth:
+step by default) a fresh subprocess (this process, for a single depth) builds the GPT and its
+optimisers and runs full training steps exactly as the trainer does (gradient accumulation over
+micro-batches of --device-batch-size rows, gradient clipping, AdamW + Muon). Reported per depth:
   - tok/s: tokens per second of the timed steps (median step time), after --warmup-steps steps;
-  - MFU: model FLOPs (GPT.estimate_flops() per token) per second over the peak FLOP/s of a large
-    torch.mm measured in the same process, right after the timed steps;
-  - peak RSS of the process (a subprocess per depth, so the peaks are separate);
+  - MFU: model FLOPs (GPT.estimate_flops() per token) per second over the peak FLOP/s of
+    picochat/train/flops.py (a GPU's datasheet bf16 peak; on a CPU the cached best-of-rounds matmul
+    measurement, raised to the observed throughput if that is higher, so MFU never exceeds 100%);
+    the peak used and its source are printed;
+  - peak RSS of the process (a subprocess per depth, so the peaks are separate) and, on CUDA, peak
+    CUDA memory (torch.cuda.max_memory_allocated);
   - first step: seconds from launching the subprocess to the end of its first training step
     (interpreter and torch import, model build, any torch.compile, one step).
-Random tokens are used: speed does not depend on what the tokens are. Runs on CPU in fp32.
+Random tokens are used: speed does not depend on what the tokens are. `--device cuda --dtype bf16
+--compile` is the GPU measurement of runs/gpu_check.sh; the default is the CPU in fp32.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import sys
 import time
 
 RESULT_PREFIX = "BENCH_RESULT "
+START = time.time()  # the in-process "first step" clock starts here (after the interpreter started)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed optimiser steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (cold compile included)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device to train on")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype of the forward")
     p.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)  # set in worker subprocesses
     p.add_argument("--launch-time", type=float, default=0.0, help=argparse.SUPPRESS)
     return p
@@ -50,14 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.depth:
-        return worker(args)
+        print(RESULT_PREFIX + json.dumps(worker(args)), flush=True)
+        return 0
     rows = args.total_batch_size // args.seq_len
     print(
         f"config: depths {args.depths}, seq_len {args.seq_len}, vocab {args.vocab_size}, width = depth * "
         f"{args.aspect_ratio}, head_dim {args.head_dim}, total batch {rows} x {args.seq_len} = "
         f"{args.total_batch_size} tokens/step, device batch {args.device_batch_size} "
         f"(grad accum {rows // args.device_batch_size}), compile {args.compile}, threads "
-        f"{args.threads or 'default'}, fp32 CPU, {args.warmup_steps} warm-up + {args.steps} timed steps",
+        f"{args.threads or 'default'}, {args.dtype} {args.device}, {args.warmup_steps} warm-up + "
+        f"{args.steps} timed steps",
         flush=True,
     )
     results = [run_depth(args, depth) for depth in args.depths]
@@ -66,9 +75,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_depth(args: argparse.Namespace, depth: int) -> dict:
-    """Run one depth in a fresh interpreter and return its result record."""
+    """Run one depth in a fresh interpreter (in this one when it is the only depth) and return its record.
+
+    A subprocess per depth keeps each depth's peak RSS and start-up time separate; a single depth runs
+    here to save one interpreter and torch import (runs/gpu_check.sh --dry).
+    """
+    if len(args.depths) == 1:
+        result = worker(argparse.Namespace(**{**vars(args), "depth": depth, "launch_time": START}))
+    else:
+        result = run_subprocess(args, depth)
+    print(
+        f"depth {depth}: {result['tok_per_sec']:,.0f} tok/s, MFU {result['mfu']:.1f}%, "
+        f"peak RSS {result['peak_rss_gb']:.2f} GB, peak CUDA memory {result['peak_cuda_gb']:.2f} GB, "
+        f"first step at {result['first_step_s']:.1f} s, "
+        f"step times {', '.join(f'{t:.2f}' for t in result['step_times'])} s",
+        flush=True,
+    )
+    return result
+
+
+def run_subprocess(args: argparse.Namespace, depth: int) -> dict:
+    """Run `worker` for one depth in a fresh interpreter and read back its result line."""
     settings = ["device_batch_size", "total_batch_size", "seq_len", "vocab_size", "aspect_ratio"]
-    settings += ["head_dim", "warmup_steps", "steps", "threads"]
+    settings += ["head_dim", "warmup_steps", "steps", "threads", "device", "dtype"]
     cmd = [sys.executable, os.path.abspath(__file__), "--depth", str(depth)]
     for name in settings:
         cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
@@ -79,20 +108,16 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"depth {depth}: benchmark subprocess failed (exit {proc.returncode})")
-    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
-    print(
-        f"depth {depth}: {result['tok_per_sec']:,.0f} tok/s, MFU {result['mfu']:.1f}%, "
-        f"peak RSS {result['peak_rss_gb']:.2f} GB, first step at {result['first_step_s']:.1f} s, "
-        f"step times {', '.join(f'{t:.2f}' for t in result['step_times'])} s",
-        flush=True,
-    )
-    return result
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
-def worker(args: argparse.Namespace) -> int:
+def worker(args: argparse.Namespace) -> dict:
+    """Build the GPT of `args.depth`, time its training steps and return the result record."""
     import torch
 
+    from picochat.common import synchronize
     from picochat.gpt import GPT, GPTConfig
+    from picochat.train.flops import peak_flops, raise_peak
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,17 +136,22 @@ def worker(args: argparse.Namespace) -> int:
     )
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device="cpu")
+    device = torch.device(args.device)
+    model.to_empty(device=device)
     model.init_weights()
     optimizers = model.setup_optimizers()
     compiled = torch.compile(model, dynamic=False) if args.compile else model
     gen = torch.Generator().manual_seed(0)
-    data = torch.randint(0, args.vocab_size, (accum, args.device_batch_size, args.seq_len + 1), generator=gen)
+    shape = (accum, args.device_batch_size, args.seq_len + 1)
+    data = torch.randint(0, args.vocab_size, shape, generator=gen).to(device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=args.dtype == "bf16")
     params = list(model.parameters())
 
     def train_step() -> None:
         for micro in data:
-            loss = compiled(micro[:, :-1], micro[:, 1:])
+            with autocast:
+                loss = compiled(micro[:, :-1], micro[:, 1:])
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for opt in optimizers:
@@ -131,15 +161,20 @@ def worker(args: argparse.Namespace) -> int:
     times = []
     first_step_s = None
     for _ in range(args.warmup_steps + args.steps):
+        synchronize(device)
         t0 = time.perf_counter()
         train_step()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
         if first_step_s is None:
             first_step_s = time.time() - args.launch_time
     step_s = statistics.median(times[args.warmup_steps :])
     tok_per_sec = args.total_batch_size / step_s
     flops_per_token = model.estimate_flops()
-    peak = matmul_peak_flops(torch)
+    achieved = flops_per_token * tok_per_sec
+    peak, peak_source = peak_flops(device)
+    peak, peak_source = raise_peak(device, achieved, peak, peak_source)
+    cuda = device.type == "cuda"
     result = {
         "depth": args.depth,
         "width": width,
@@ -149,39 +184,30 @@ def worker(args: argparse.Namespace) -> int:
         "tok_per_sec": tok_per_sec,
         "gflops": flops_per_token * tok_per_sec / 1e9,
         "peak_gflops": peak / 1e9,
-        "mfu": 100 * flops_per_token * tok_per_sec / peak,
+        "peak_source": peak_source,
+        "mfu": 100 * achieved / peak,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "peak_cuda_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else 0.0,
         "first_step_s": first_step_s,
         "step_times": times,
     }
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-    return 0
-
-
-def matmul_peak_flops(torch, n: int = 4096, repeats: int = 5) -> float:
-    """fp32 FLOP/s of the best of a few (n x n) @ (n x n) torch.mm calls."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return result
 
 
 def print_table(results: list[dict]) -> None:
     header = (
         f"{'depth':>5} {'width':>5} {'params':>8} {'tok/s':>8} {'GFLOP/s':>8} {'peak':>8} {'MFU':>6} "
-        f"{'peak RSS':>9} {'1st step':>9}"
+        f"{'peak RSS':>9} {'CUDA mem':>9} {'1st step':>9}"
     )
     print(header)
     for r in results:
         print(
             f"{r['depth']:>5} {r['width']:>5} {r['params_m']:>7.1f}M {r['tok_per_sec']:>8,.0f} "
             f"{r['gflops']:>8.1f} {r['peak_gflops']:>8.1f} {r['mfu']:>5.1f}% {r['peak_rss_gb']:>7.2f}GB "
-            f"{r['first_step_s']:>8.1f}s"
+            f"{r['peak_cuda_gb']:>7.2f}GB {r['first_step_s']:>8.1f}s"
         )
+    for r in results:
+        print(f"depth {r['depth']} peak: {r['peak_gflops']:,.1f} GFLOP/s ({r['peak_source']})")
 
 
 if __name__ == "__main__":

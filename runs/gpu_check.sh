@@ -38,14 +38,15 @@ check() {
 
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
-  TESTS=(tests/test_gpt.py -q -x -k "flops or kv_cache")
-  BENCH_TRAIN=(--depths 2 --seq-len 64 --device-batch-size 2 --total-batch-size 256 --vocab-size 512
+  # Sizes are the smallest that still run every step end to end (test_gpu_check.py runs this in the suite).
+  TESTS=(tests/test_gpt.py -q -x -p no:cacheprovider -k "flops or kv_cache_rows")
+  BENCH_TRAIN=(--depths 2 --seq-len 64 --device-batch-size 2 --total-batch-size 128 --vocab-size 512
                --steps 1 --warmup-steps 0)
   BENCH_INFER=(--depth 2 --width 64 --vocab 512 --prompt-tokens 16 --new-tokens 16)
-  BASE=(--depth 2 --max-seq-len 256 --device-batch-size 2 --total-batch-size 512 --num-iterations 3)
-  SFT=(--device-batch-size 2 --target-examples-per-step 2 --num-iterations 2 --eval-batches 1
+  BASE=(--depth 1 --max-seq-len 256 --device-batch-size 2 --total-batch-size 512 --num-iterations 2)
+  SFT=(--device-batch-size 2 --target-examples-per-step 2 --num-iterations 2 --eval-tokens 512
        --eval-metrics-examples 1)
-  "$PY" -m picochat.cli tokenizer train --vocab-size 512 --max-chars 200000 >"$OUT_DIR/tokenizer.log" 2>&1
+  "$PY" -m picochat.cli tokenizer train --vocab-size 512 --max-chars 50000 >"$OUT_DIR/tokenizer.log" 2>&1
 else
   DEVICE=cuda
   if ls .whl/*.whl >/dev/null 2>&1; then
@@ -55,7 +56,7 @@ else
   cp -r .gpu_tokenizer/. "$PICOCHAT_HOME/tokenizer/" 2>/dev/null || echo "warning: no .gpu_tokenizer/ carried"
   TESTS=(tests/test_gpt.py tests/test_engine.py -q -x)
   BENCH_TRAIN=(--depths 12 20 --seq-len 2048 --device-batch-size 16 --total-batch-size 65536 --compile
-               --steps 5 --warmup-steps 2)
+               --device cuda --dtype bf16 --steps 5 --warmup-steps 2)
   BENCH_INFER=()
   BASE=(--depth 12 --max-seq-len 2048 --device-batch-size 16 --total-batch-size 262144 --num-iterations 100)
   SFT=(--device-batch-size 16 --num-iterations 20)

@@ -7,7 +7,10 @@ import re
 import sys
 from pathlib import Path
 
-BENCH_LINE = re.compile(r"depth (\d+): ([\d,]+) tok/s, MFU ([\d.]+)%")  # bench/train.py's summary lines
+# bench/train.py's per-depth lines
+BENCH_LINE = re.compile(
+    r"depth (\d+): ([\d,]+) tok/s, MFU ([\d.]+)%, peak RSS [\d.]+ GB, peak CUDA memory ([\d.]+) GB"
+)
 
 
 def main(out_dir: str) -> int:
@@ -16,10 +19,9 @@ def main(out_dir: str) -> int:
     bench_log = out / "bench_train.log"
     bench = []
     if bench_log.exists():
-        for depth, tokens, mfu in BENCH_LINE.findall(bench_log.read_text()):
-            bench.append(
-                {"depth": int(depth), "tok_per_sec": float(tokens.replace(",", "")), "mfu": float(mfu)}
-            )
+        for depth, tokens, mfu, cuda_gb in BENCH_LINE.findall(bench_log.read_text()):
+            row = {"depth": int(depth), "tok_per_sec": float(tokens.replace(",", "")), "mfu": float(mfu)}
+            bench.append(row | {"peak_cuda_gb": float(cuda_gb)})
     for step in steps:
         log = out / f"{step['step']}.log"
         step["log_tail"] = log.read_text(errors="replace").splitlines()[-3:] if log.exists() else []
@@ -31,7 +33,10 @@ def main(out_dir: str) -> int:
     for s in steps:
         print(f"{s['step']:<12} {'ok' if s['rc'] == 0 else 'FAILED':<7} {s['seconds']:>7}")
     for b in bench:
-        print(f"bench_train depth {b['depth']}: {b['tok_per_sec']:,.0f} tokens/s, MFU {b['mfu']:.1f}%")
+        print(
+            f"bench_train depth {b['depth']}: {b['tok_per_sec']:,.0f} tokens/s, MFU {b['mfu']:.1f}%, "
+            f"peak CUDA memory {b['peak_cuda_gb']:.2f} GB"
+        )
     print(f"wrote {out / 'gpu_check.json'}")
     return 0 if result["ok"] else 1
 

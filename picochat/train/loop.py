@@ -54,7 +54,7 @@ from picochat.common import (
 )
 from picochat.optim import Muon
 from picochat.report import record
-from picochat.train.flops import peak_flops
+from picochat.train.flops import peak_flops, raise_peak
 
 EMA_BETA = 0.9  # smoothing of the displayed training loss
 IGNORE = -1  # target value the loss skips
@@ -385,14 +385,19 @@ class Trainer:
         state.smooth_loss = EMA_BETA * state.smooth_loss + (1 - EMA_BETA) * loss
         shown_loss = state.smooth_loss / (1 - EMA_BETA**state.step)  # debiased EMA
         tok_per_sec = tokens / dt
-        mfu = 100 * self.flops_per_token * tok_per_sec / (self.peak * self.world_size)
+        achieved = self.flops_per_token * tok_per_sec / self.world_size  # FLOP/s per process
+        peak, self.peak_source = raise_peak(self.device, achieved, self.peak, self.peak_source)
+        if peak != self.peak:
+            print0(f"peak FLOP/s raised: {self.peak_source}")
+            self.peak = peak
+        mfu = 100 * achieved / self.peak
         self.mfus.append(mfu)
         self.step_fields = {
             "loss": f"{shown_loss:.4f}",
             "lr": f"{lrm:.3f}",
             "grad norm": f"{grad_norm:.3f}",
             "tok/s": f"{tok_per_sec:,.0f}",
-            "MFU": f"{mfu:.2f}%",
+            "MFU": f"{mfu:.2f}% of {self.peak / 1e12:.3g} TFLOP/s",  # the peak used (its source at start)
         }
         row = {"step": state.step, "kind": "train", "loss": loss, "smooth_loss": shown_loss, "lr_mult": lrm}
         row |= {"grad_norm": grad_norm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu}
