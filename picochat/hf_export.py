@@ -15,7 +15,6 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -29,7 +28,8 @@ from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
 # The GPTConfig fields NanoChatForCausalLM can express (hf_config maps each one). A new field added to
 # GPTConfig is refused by name until hf_config learns it, rather than silently dropped.
 SUPPORTED_FIELDS = {
-    "sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "rope_theta", "softcap", "norm_eps",
+    "sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+    "rope_theta", "softcap", "norm_eps",
 }  # fmt: skip
 
 # Jinja version of Tokenizer.render_for_completion / _render: the system message is merged into the
@@ -114,7 +114,8 @@ def check_exportable(config: GPTConfig) -> None:
         if field.name not in SUPPORTED_FIELDS and getattr(config, field.name) != field.default:
             raise PicochatError(
                 f"model setting {field.name}={getattr(config, field.name)!r} has no equivalent in "
-                f"transformers' NanoChatForCausalLM; export a model trained with the default {field.default!r}"
+                "transformers' NanoChatForCausalLM; export a model trained with the default "
+                f"{field.default!r}"
             )
 
 
@@ -221,8 +222,8 @@ def push_to_hub(folder: Path, repo: str) -> None:
     except Exception as e:  # network, auth and hub errors all end here: the local export stays
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PicochatError(
-            f"could not push {folder} to the hub repo {repo} ({type(e).__name__}: {reason}); the local export "
-            "is intact: check the network and `hf auth login` / HF_TOKEN, then push again"
+            f"could not push {folder} to the hub repo {repo} ({type(e).__name__}: {reason}); "
+            "the local export is intact: check the network and `hf auth login` / HF_TOKEN, then push again"
         ) from e
 
 

@@ -201,7 +201,7 @@ def add_common_args(p: argparse.ArgumentParser, spec: StageSpec) -> None:
         "-i",
         "--stage",
         default=spec.default_input,
-        choices=("base", "mid", "sft"),
+        choices=("imported", "base", "mid", "sft"),
         help=f"stage of the checkpoint to start from (default: {spec.default_input})",
     )
     io.add_argument(

@@ -60,7 +60,7 @@ from picochat.report import record
 from picochat.tasks import GSM8K
 from picochat.train.base import every, start_afresh, trim_metrics, wrap_model
 
-INPUT_STAGES = ("base", "mid", "sft", "rl")
+INPUT_STAGES = ("imported", "base", "mid", "sft", "rl")
 
 # ---------------------------------------------------------------------------------------------
 # Arguments
