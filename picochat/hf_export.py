@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from picochat.checkpoint import STAGES, checkpoint_dir_for, find_model_tag, load_checkpoint
 from picochat.checkpoint_checks import model_config as parse_model_config
-from picochat.common import PicochatError, atomic_write_json, atomic_write_text, get_base_dir
+from picochat.common import PicochatError, atomic_write_json, atomic_write_text, get_base_dir, run_cli
 from picochat.gpt import GPTConfig, hf_config, hf_state_dict_mapping
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
 
@@ -142,10 +142,16 @@ def _model_card(stage: str, model_tag: str, step: int, config: GPTConfig) -> str
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        metrics = record.get("metrics") if isinstance(record, dict) else None
-        if isinstance(metrics, dict):
-            shown = ", ".join(f"{k}: {v}" for k, v in metrics.items() if isinstance(v, (int, float, str)))
-            lines.append(f"- **{path.stem}**: {shown}")
+        if not isinstance(record, dict):
+            continue
+        # Report records are flat: every number besides the bookkeeping fields is a metric or setting.
+        skip = {"schema_version", "section", "timestamp"}
+        shown = ", ".join(
+            f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
+            for k, v in record.items()
+            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
+        lines.append(f"- **{record.get('section', path.stem)}**: {shown}")
     lines += [
         "",
         "## Use",
@@ -257,3 +263,7 @@ def main(argv: list[str] | None = None, prog: str = "picochat export") -> int:
         push_to_hub(out_dir, args.push_to_hub)
         print(f"pushed to https://huggingface.co/{args.push_to_hub}")
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

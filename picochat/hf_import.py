@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from picochat.checkpoint import STAGES, checkpoint_dir_for, list_steps, save_checkpoint
-from picochat.common import PicochatError
+from picochat.common import PicochatError, run_cli
 from picochat.gpt import GPTConfig, hf_config, hf_state_dict_mapping
 from picochat.hf_export import byte_to_unicode
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer, tokenizer_dir
@@ -131,3 +131,7 @@ def main(argv: list[str] | None = None, prog: str = "picochat import") -> int:
     path = save_checkpoint(ckpt_dir, 0, state, None, meta)
     print(f"imported {args.source} as {args.stage}/{model_tag} ({path})")
     return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

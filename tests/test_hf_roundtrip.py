@@ -57,7 +57,12 @@ def _weights(stage: str) -> dict[str, torch.Tensor]:
 
 def test_export_import_round_trip_is_bit_identical(home, tmp_path):
     out = tmp_path / "out"
+    report = home / "report"
+    report.mkdir()
+    (report / "sft.json").write_text(json.dumps({"schema_version": 1, "section": "sft", "val_bpb": 1.2345}))
     assert cli.main(["export", "-i", "sft", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "sft, step 7" in card and "val_bpb: 1.234" in card
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json", "README.md"} <= {p.name for p in out.iterdir()}  # fmt: skip
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp folder left
