@@ -43,7 +43,7 @@ from picochat.common import (
 )
 from picochat.state_tree import flatten_state, unflatten_state
 
-STAGES = ("base", "mid", "sft", "rl")
+STAGES = ("imported", "base", "mid", "sft", "rl")  # imported: `picochat import` (hf_import.py)
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.safetensors"
 META_FILE = "meta.json"

@@ -27,6 +27,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("chat",), "picochat.chat", "talk to a model in the terminal"),
     (("serve",), "picochat.serve.app", "web UI and OpenAI-compatible API"),
     (("report",), "picochat.report", "write report.md from every stage's recorded metrics"),
+    (("export",), "picochat.hf_export", "export a checkpoint as a Hugging Face transformers model"),
+    (("import",), "picochat.hf_import", "import a transformers NanoChat model as a picochat checkpoint"),
 ]
 
 

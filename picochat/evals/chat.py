@@ -53,7 +53,7 @@ from picochat.tasks import (
 )
 
 SPELLING_TEST_SIZE = 256  # SpellingBee is synthetic: this many held-out questions (nanochat's number)
-STAGES = ("mid", "sft", "rl")
+STAGES = ("imported", "mid", "sft", "rl")
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ class StageSpec:
 def add_common_args(p: argparse.ArgumentParser, spec: StageSpec) -> dict[str, argparse._ArgumentGroup]:
     """The flags both stages share; returns the groups, for the stage's own flags."""
     g = flags.groups(p)
-    flags.add_input_args(g["input and output"], spec.default_input, ("base", "mid", "sft"))
+    flags.add_input_args(g["input and output"], spec.default_input, ("imported", "base", "mid", "sft"))
     flags.add_source_arg(g["input and output"], "task data")
     g["model"].add_argument(
         "--max-seq-len", type=int, default=-1, help="row length in tokens; -1 = the input model's context"

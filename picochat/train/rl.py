@@ -48,7 +48,7 @@ from picochat.tasks import GSM8K
 from picochat.train import flags
 from picochat.train.loop import Evaluation, Trainer, all_reduce_sum, sync_gradients, wrap_model
 
-INPUT_STAGES = ("base", "mid", "sft", "rl")
+INPUT_STAGES = ("imported", "base", "mid", "sft", "rl")
 
 # ---------------------------------------------------------------------------------------------
 # Arguments
