@@ -14,8 +14,6 @@ import sys
 from dataclasses import asdict
 from typing import Any, TextIO
 
-import torch
-
 from picochat.checkpoint import STAGES, list_steps
 from picochat.common import PicochatError, get_base_dir, run_cli
 from picochat.engine import Engine, ReplyText, context_notice, fit_conversation, load_engine, prompt_budget
@@ -190,7 +188,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.stage is None:
         args.stage = default_stage()
     engine, meta = load_engine(args.stage, args.model_tag, args.step, args.device_type)
-    torch.set_grad_enabled(False)
     chat = Chat(engine, args, sys.stdout)
     if args.prompt is not None:
         chat.reply(args.prompt)
