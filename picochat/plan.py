@@ -131,7 +131,9 @@ def make_run_plan(args: argparse.Namespace) -> dict[str, Any]:
                 break
     else:
         batch, memory = plan_for(args.device_batch_size)
-    peak = dict(base.GPU_PEAK_FLOPS)[gpu.peak_key]
+    from picochat.train.flops import GPU_PEAK_FLOPS
+
+    peak = dict(GPU_PEAK_FLOPS)[gpu.peak_key]
     tokens = batch.num_iterations * batch.total_batch_size
     flops = batch.flops_per_token * tokens
     hours = flops / (world_size * peak * args.mfu) / 3600
