@@ -127,7 +127,7 @@ print("REPLY:" + tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tok
 
 
 def _chat(stage: str, env: dict[str, str]) -> str:
-    cmd = [*PICOCHAT, "chat", "-i", stage, "-p", "hi", "-t", "0", "--max-tokens", "20"]
+    cmd = [*PICOCHAT, "chat", "-i", stage, "-p", "hi", "-t", "0", "--max-new-tokens", "20"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
