@@ -108,7 +108,8 @@ def add_output_args(group: argparse._ArgumentGroup, stage: str, eval_every: int,
         "--log-every",
         type=int,
         default=0,
-        help="when stdout is not a terminal, a step line every N steps (0 = about 50 lines per run)",
+        help="when stdout is not a terminal, a step line every N steps "
+        "(0 = about 50 lines per run, and one every 30 s at least)",
     )
     group.add_argument(
         "--run", default=None, help="run name: metrics folder name, and logs to wandb if installed"

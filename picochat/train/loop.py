@@ -11,8 +11,8 @@ The loop does the rest the same way for every stage: LR and momentum of the step
 refitted to the steps that fit, from the slowest rank's clock, so the warm-down still happens), checkpoints
 every `--save-every` steps that `--resume` continues exactly (weights, optimisers, data position, RNG,
 this state), step lines with loss, tokens/s, MFU, LR, gradient norm and ETA (a bar on a terminal, plain
-lines every `--log-every` steps when stdout is a file or pipe), metrics.jsonl, wandb with `--run`, and
-the summary (summary.json and the report section).
+lines when stdout is a file or pipe: every `--log-every` steps, by default ~50 per run and one every
+30 s at least), metrics.jsonl, wandb with `--run`, and the summary (summary.json and the report section).
 """
 
 from __future__ import annotations
@@ -192,9 +192,12 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """A tqdm bar on a terminal; on a file or pipe (tee, nohup) a plain line every `log_every` steps."""
 
+    PLAIN_LINE_SECONDS = 30  # without --log-every, a plain line at least this often
+
     def __init__(self, state: LoopState, enabled: bool, log_every: int) -> None:
         self.enabled, self.tty = enabled, sys.stdout.isatty()
-        self.log_every = log_every if log_every > 0 else max(1, round(state.horizon / 50))
+        self.log_every = log_every  # 0: about 50 lines over the run, and one every 30 s at least
+        self.last_line = time.time()
         self.bar = None
         if enabled and self.tty:
             self.bar = tqdm(total=state.horizon, initial=state.step, unit="step", dynamic_ncols=True)
@@ -204,11 +207,21 @@ class Progress:
             self.bar.total = state.horizon
             self.bar.set_postfix(fields, refresh=False)
             self.bar.update(state.step - self.bar.n)
-        elif self.enabled and (every(self.log_every, state.step) or state.step in (1, state.horizon)):
+        elif self.enabled and self._line_due(state):
             shown = " | ".join(f"{k} {v}" for k, v in fields.items())
             times = f"{format_duration(state.train_seconds)} elapsed, ETA {format_duration(eta)}"
             print(f"step {state.step}/{state.horizon} | {shown} | {times}")
             sys.stdout.flush()
+            self.last_line = time.time()
+
+    def _line_due(self, state: LoopState) -> bool:
+        if state.step in (1, state.horizon):
+            return True
+        if self.log_every > 0:
+            return every(self.log_every, state.step)
+        # the horizon moves with --max-minutes, so the cadence follows it, and time bounds the gap
+        overdue = time.time() - self.last_line >= self.PLAIN_LINE_SECONDS
+        return overdue or every(max(1, round(state.horizon / 50)), state.step)
 
     def write(self, line: str) -> None:
         if self.enabled:
@@ -347,6 +360,8 @@ class Trainer:
             state.train_seconds = time.time() - loop_t0
             done = state.step - start_step
             eta = (state.horizon - state.step) * (state.train_seconds - start_seconds) / max(1, done)
+            if budget:  # the horizon is refitted to the budget from the second step on
+                eta = min(eta, max(0.0, budget - state.train_seconds))
             self.progress.step(state, self.step_fields, eta)
         self.progress.close()
         return self.finish()
