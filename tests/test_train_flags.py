@@ -92,19 +92,21 @@ def test_validation_passes_show_a_bar_on_a_terminal_only(monkeypatch, capsys):
 def test_plain_step_lines_follow_the_refitted_horizon_and_the_clock(monkeypatch, capsys):
     """A log file gets a line at step 1, every horizon/50 steps of the (refitted) horizon, and at least
     every 30 s: a --max-minutes run planned for 51,200 steps must not go silent for 1,024 steps."""
-    from picochat.train import loop
+    from picochat.train import progress
+    from picochat.train.loop import LoopState
+    from picochat.train.progress import Progress
 
     clock = [1000.0]
-    monkeypatch.setattr(loop.time, "time", lambda: clock[0])
+    monkeypatch.setattr(progress.time, "time", lambda: clock[0])
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
-    state = loop.LoopState(horizon=51_200, planned=51_200)
-    progress = loop.Progress(state, enabled=True, log_every=0)
+    state = LoopState(horizon=51_200, planned=51_200)
+    printer = Progress(state, enabled=True, log_every=0)
 
     def lines_after(steps: range, seconds_each: float) -> list[str]:
         for step in steps:
             clock[0] += seconds_each
             state.step = step
-            progress.step(state, {"loss": "1.0"}, eta=60.0)
+            printer.step(state, {"loss": "1.0"}, eta=60.0)
         return [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
 
     assert [line.split(" |")[0] for line in lines_after(range(1, 12), 1.0)] == ["step 1/51200"]
@@ -115,8 +117,7 @@ def test_plain_step_lines_follow_the_refitted_horizon_and_the_clock(monkeypatch,
         "step 40/1000",
         "step 60/1000",
     ]
-    quiet = loop.Progress(state, enabled=True, log_every=7)  # an explicit cadence is kept exactly
-    progress = quiet
+    printer = Progress(state, enabled=True, log_every=7)  # an explicit cadence is kept exactly
     assert [line.split(" |")[0] for line in lines_after(range(61, 71), 40.0)] == [
         "step 63/1000",
         "step 70/1000",

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +31,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from picochat.checkpoint import (
     capture_rng_state,
@@ -55,6 +53,7 @@ from picochat.common import (
 from picochat.optim import Muon
 from picochat.report import record
 from picochat.train.flops import peak_flops, raise_peak
+from picochat.train.progress import Progress, format_duration
 
 EMA_BETA = 0.9  # smoothing of the displayed training loss
 IGNORE = -1  # target value the loss skips
@@ -182,55 +181,6 @@ def synced_max(seconds: float, world_size: int, device: torch.device) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Step lines
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """A tqdm bar on a terminal; on a file or pipe (tee, nohup) a plain line every `log_every` steps."""
-
-    PLAIN_LINE_SECONDS = 30  # without --log-every, a plain line at least this often
-
-    def __init__(self, state: LoopState, enabled: bool, log_every: int) -> None:
-        self.enabled, self.tty = enabled, sys.stdout.isatty()
-        self.log_every = log_every  # 0: about 50 lines over the run, and one every 30 s at least
-        self.last_line = time.time()
-        self.bar = None
-        if enabled and self.tty:
-            self.bar = tqdm(total=state.horizon, initial=state.step, unit="step", dynamic_ncols=True)
-
-    def step(self, state: LoopState, fields: dict[str, str], eta: float) -> None:
-        if self.bar is not None:
-            self.bar.total = state.horizon
-            self.bar.set_postfix(fields, refresh=False)
-            self.bar.update(state.step - self.bar.n)
-        elif self.enabled and self._line_due(state):
-            shown = " | ".join(f"{k} {v}" for k, v in fields.items())
-            times = f"{format_duration(state.train_seconds)} elapsed, ETA {format_duration(eta)}"
-            print(f"step {state.step}/{state.horizon} | {shown} | {times}")
-            sys.stdout.flush()
-            self.last_line = time.time()
-
-    def _line_due(self, state: LoopState) -> bool:
-        if state.step in (1, state.horizon):
-            return True
-        if self.log_every > 0:
-            return every(self.log_every, state.step)
-        # the horizon moves with --max-minutes, so the cadence follows it, and time bounds the gap
-        overdue = time.time() - self.last_line >= self.PLAIN_LINE_SECONDS
-        return overdue or every(max(1, round(state.horizon / 50)), state.step)
-
-    def write(self, line: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar is not None else print)(line)
-            sys.stdout.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _fmt_figure(value: Any) -> str:
