@@ -108,7 +108,7 @@ def accuracy(model, s: TaskSpec, items: list[dict], **kwargs) -> float:
 # ---------------------------------------------------------------------------------------------
 # The task list
 
-MISSING = "2 missing (no copy bundled or on the Hugging Face hub): squad, coqa"
+MISSING = "2 missing (not bundled, no hub copy found): squad, coqa"
 
 
 def test_task_list_covers_20_of_22_and_names_the_missing():
@@ -368,7 +368,7 @@ def test_eval_base_command_records_the_report_section(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert MISSING in out
     for label in ("squad", "coqa"):
-        assert f"{label}: not scored (no copy bundled or on the Hugging Face hub); to score it, put" in out
+        assert f"{label}: not scored (not bundled, no hub copy found); to score it, put" in out
         assert f"reading_comprehension/{label}.jsonl.gz" in out
     assert saved["core"] == pytest.approx(sum(t["centered"] for t in saved["tasks"].values()) / 2)
     with pytest.raises(core.PicochatError, match="--max-per-task"):

@@ -15,10 +15,10 @@ none is not scored ("skipped", not in `n`). Both counts are in every task's resu
 
 Everything comes from the bundled `data/eval/core/` (see data/SOURCES.md, section 1a): the task list
 is DCLM's `low_variance_datasets`, the per-task shots / type / delimiter come from `dclm_heavy.yaml`,
-the random baselines from `eval_meta_data_v1.csv` (the values nanochat uses). The CORE bundle's squad and
-coqa files are not bundled (over 4 MiB each) and no copy of them is on the Hugging Face hub (only the
-original SQuAD and CoQA, in other formats), so the score covers 20 of the 22 tasks and every result,
-table and report section counts and names the two, and says why (`--source hub` does not change that).
+the random baselines from `eval_meta_data_v1.csv` (the values nanochat uses). The CORE bundle's squad
+and coqa files are not bundled (over 4 MiB each) and no copy of them was found on the Hugging Face hub
+(only the original SQuAD and CoQA, in other formats), so the score covers 20 of the 22 tasks and every
+result, table and report section counts and names the two and says why (also with `--source hub`).
 
 `picochat eval base` additionally measures bits per byte on the train and val shards and prints greedy
 samples from fixed prompts, then records the "base-eval" report section.
@@ -58,7 +58,7 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 DEFAULT_DELIMITER = " "  # llm-foundry's continuation delimiter when a task sets none
 DATA_SEED = 1337  # the order of each task's items, so --max-per-task takes a fixed random subset
 FEWSHOT_SEED = 1234  # + the item's index: which other items become its few-shot examples
-MISSING_WHY = "no copy bundled or on the Hugging Face hub"  # squad and coqa, see the module docstring
+MISSING_WHY = "not bundled, no hub copy found"  # squad and coqa, see the module docstring
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # idx (B, T) -> logits (B, T, vocab)
 
