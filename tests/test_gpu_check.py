@@ -27,6 +27,14 @@ def test_gpu_check_dry_runs_every_step_and_writes_the_table_and_json(tmp_path):
     assert steps == dict.fromkeys(names, 0)
     bench = result["bench_train"][0]
     assert result["ok"] and bench["tok_per_sec"] > 0 and 0 < bench["mfu"] <= 100 and not bench["peak_cuda_gb"]
+    assert result["bench_infer"]["prefill_tok_per_sec"] > 0 and set(
+        result["bench_infer"]["decode_tok_per_sec"]
+    ) == {"1", "2"}
+    assert (
+        result["base_run"]["steps"] == 2
+        and result["base_run"]["tok_per_sec"] > 0
+        and result["base_run"]["mfu"] > 0
+    )
     assert "answered" in (out / "serve.log").read_text()  # the openai client got a reply
     table = done.stdout[done.stdout.index("step ") :]
     assert all(name in table for name in steps) and "FAILED" not in table
