@@ -63,5 +63,5 @@ def with_retries(
     hint = f"; {error.hint}" if error.hint else ""
     raise PicochatError(
         f"{what} failed after {retries + 1} attempts: {error}{hint} (rerun the same command to try again: "
-        "finished shards are kept, partial ones resume)"
+        "finished downloads are kept, partial ones resume)"
     )
