@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm import tqdm
@@ -30,13 +29,16 @@ from picochat.common import PicochatError, run_cli
 from picochat.dataset import resolve_data_dir
 from picochat.http_download import (
     DEFAULT_FILENAME,
-    MAX_BACKOFF_SECONDS,
     download_shards,
     file_sha256,
     parquet_problem,
+    prepare_dest,
+    raise_failures,
+    run_all,
     shard_filename,
 )
 from picochat.report import record
+from picochat.retry import Retry, with_retries
 from picochat.tasks.loading import hub_endpoint
 
 DATASETS = {  # name -> (hub dataset repository, number of shards)
@@ -45,6 +47,8 @@ DATASETS = {  # name -> (hub dataset repository, number of shards)
 }
 DEFAULT_DATASET = "climbmix"
 _SHA256_HEX = frozenset("0123456789abcdef")
+_HUB_NETWORK_HINT = "check the network connection (or HF_ENDPOINT, if you use a mirror)"
+_HUB_DAMAGED_HINT = "the hub sent a damaged or different file; try again later"
 
 # ---------------------------------------------------------------------------------------------
 # Which shards
@@ -122,43 +126,39 @@ def _hub_problem(path: Path, dest: Path, name: str) -> str | None:
 def _hub_one(
     index: int, repo: str, name: str, revision: str, dest: Path, retries: int, backoff: float
 ) -> Path:
-    """Fetch and check one shard, retrying with exponential back-off; PicochatError if it fails."""
+    """Fetch and check one shard, retried with exponential back-off (picochat.retry); PicochatError if
+    it fails. A damaged shard is deleted and fetched again from scratch (`force_download`)."""
     from huggingface_hub import hf_hub_download
 
     what = f"shard {index} ({name} of {repo})"
-    problem, damaged = "", False
-    for attempt in range(retries + 1):
-        if attempt:
-            delay = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS)
-            tqdm.write(f"{what}: {problem}; retry {attempt}/{retries} in {delay:.1f}s")
-            time.sleep(delay)
+    force = False
+
+    def attempt() -> Path:
+        nonlocal force
         try:
-            path = Path(
-                hf_hub_download(
-                    repo,
-                    name,
-                    repo_type="dataset",
-                    revision=revision,
-                    local_dir=dest,
-                    endpoint=hub_endpoint(),
-                    force_download=damaged,
-                )
+            path = hf_hub_download(
+                repo,
+                name,
+                repo_type="dataset",
+                revision=revision,
+                local_dir=dest,
+                endpoint=hub_endpoint(),
+                force_download=force,
             )
         except Exception as e:  # huggingface_hub raises many types; hub_error sorts them
             final = hub_error(e, what)
             if final is not None:
                 raise PicochatError(final) from e
-            problem, damaged = f"{type(e).__name__}: {e}".splitlines()[0], False
-            continue
-        problem = _hub_problem(path, dest, name)
-        if problem is None:
-            return path
-        path.unlink()  # never leave a damaged shard under its final name
-        damaged = True
-    raise PicochatError(
-        f"{what} failed after {retries + 1} attempts: {problem}; rerun the same command to try again "
-        "(finished shards are kept, partial ones resume)"
-    )
+            force = False  # a broken transfer resumes from its partial file
+            raise Retry(f"{type(e).__name__}: {e}".splitlines()[0], _HUB_NETWORK_HINT) from e
+        problem = _hub_problem(Path(path), dest, name)
+        if problem is not None:
+            Path(path).unlink()  # never leave a damaged shard under its final name
+            force = True
+            raise Retry(problem, _HUB_DAMAGED_HINT)
+        return Path(path)
+
+    return with_retries(attempt, what, retries, backoff)
 
 
 def hub_download_shards(
@@ -175,23 +175,16 @@ def hub_download_shards(
     in parallel, each checked; prints a summary and raises PicochatError naming every shard that failed."""
     if workers < 1 or retries < 0 or backoff < 0:
         raise PicochatError("--workers must be positive, --retries and --backoff not negative")
-    dest = Path(dest) if dest is not None else resolve_data_dir("hub")
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PicochatError(f"cannot create the destination folder {dest}: {e}; pick another --dest") from e
+    dest = prepare_dest(dest)
     names = {i: shard_filename(filename, i) for i in indices}
-    started, failures = time.monotonic(), []
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(names), unit="shard") as bar:
-        futures = [
-            pool.submit(_hub_one, i, repo, n, revision, dest, retries, backoff) for i, n in names.items()
-        ]
-        for future in as_completed(futures):
-            try:
-                future.result()
-            except PicochatError as e:
-                failures.append(str(e))
-            bar.update()
+    started = time.monotonic()
+    with tqdm(total=len(names), unit="shard") as bar:
+        failures = run_all(
+            lambda item: _hub_one(item[0], repo, item[1], revision, dest, retries, backoff),
+            list(names.items()),
+            workers,
+            done=bar.update,
+        )
     paths = [dest / name for name in names.values()]
     size = sum(p.stat().st_size for p in paths if p.exists())
     print(
@@ -199,8 +192,7 @@ def hub_download_shards(
         f"{time.monotonic() - started:.1f}s), {len(failures)} failed",
         flush=True,
     )
-    if failures:
-        raise PicochatError(f"{len(failures)} shard(s) failed:\n  " + "\n  ".join(sorted(failures)))
+    raise_failures(failures)
     return paths
 
 

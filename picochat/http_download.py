@@ -19,9 +19,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -29,22 +31,14 @@ from tqdm import tqdm
 from picochat import __version__
 from picochat.common import PicochatError
 from picochat.dataset import resolve_data_dir
+from picochat.retry import MAX_BACKOFF_SECONDS, Retry, with_retries
 
 DEFAULT_FILENAME = "shard_{index:05d}.parquet"
 PARQUET_MAGIC = b"PAR1"
 CHUNK_BYTES = 1 << 20
-MAX_BACKOFF_SECONDS = 60.0
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
-
-
-class _Retry(Exception):
-    """A failed attempt worth repeating; `hint` tells the user what to do if every attempt fails."""
-
-    def __init__(self, message: str, hint: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.hint = hint
-        self.retry_after = retry_after
+T = TypeVar("T")
 
 
 _NETWORK_HINT = "check the network connection and --base-url"
@@ -240,10 +234,10 @@ def _http_error(shard: _Shard, error: urllib.error.HTTPError) -> Exception:
     if error.code >= 500 or error.code == 429:
         retry_after = error.headers.get("Retry-After", "")
         wait = min(float(retry_after), MAX_BACKOFF_SECONDS) if retry_after.isdigit() else None
-        return _Retry(f"{status} from {shard.url}", _SERVER_HINT, retry_after=wait)
+        return Retry(f"{status} from {shard.url}", _SERVER_HINT, retry_after=wait)
     if error.code == 416:  # our .part is longer than the file: it cannot be resumed, start over
         shard.part.unlink(missing_ok=True)
-        return _Retry(f"{status} from {shard.url}: the partial file does not fit; restarting", _CORRUPT_HINT)
+        return Retry(f"{status} from {shard.url}: the partial file does not fit; restarting", _CORRUPT_HINT)
     if error.code == 404:
         hint = "check --repo, --base-url and --filename, and that the dataset has --num-shards-total shards"
     elif error.code in (401, 403):
@@ -262,7 +256,7 @@ def _open(shard: _Shard, offset: int, settings: _Settings) -> tuple[http.client.
         e.close()
         raise _http_error(shard, e) from e
     except (OSError, http.client.HTTPException) as e:  # URLError, refused, reset, timeout, bad status line
-        raise _Retry(f"could not fetch {shard.url}: {getattr(e, 'reason', e)}", _NETWORK_HINT) from e
+        raise Retry(f"could not fetch {shard.url}: {getattr(e, 'reason', e)}", _NETWORK_HINT) from e
     return response, [*request.redirect_headers, response.headers]
 
 
@@ -277,7 +271,7 @@ def _start_offset(shard: _Shard, response: http.client.HTTPResponse, offset: int
     match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
     if match is None or int(match.group(1)) != offset:
         shard.part.unlink(missing_ok=True)
-        raise _Retry(
+        raise Retry(
             f"{shard.url} answered the resume request with the wrong range "
             f"({response.headers.get('Content-Range')!r} for bytes={offset}-); restarting",
             _CORRUPT_HINT,
@@ -301,7 +295,7 @@ def _fetch(shard: _Shard, settings: _Settings) -> _Expected:
                 try:
                     block = response.read(CHUNK_BYTES)
                 except (OSError, http.client.HTTPException) as e:  # reset, timeout, incomplete read
-                    raise _Retry(f"connection to {shard.url} broke: {e}", _NETWORK_HINT) from e
+                    raise Retry(f"connection to {shard.url} broke: {e}", _NETWORK_HINT) from e
                 if not block:
                     break
                 f.write(block)
@@ -313,37 +307,35 @@ def _fetch(shard: _Shard, settings: _Settings) -> _Expected:
         raise PicochatError("download interrupted; run the same command again to resume")
     received = shard.part.stat().st_size
     if size is not None and received < size:
-        raise _Retry(f"connection to {shard.url} closed after {received} of {size} bytes", _NETWORK_HINT)
+        raise Retry(f"connection to {shard.url} closed after {received} of {size} bytes", _NETWORK_HINT)
     return _Expected(size, _sha256_from(chain))
 
 
+def _attempt(shard: _Shard, settings: _Settings) -> Path:
+    """Fetch, verify and rename one shard: its path, Retry if the attempt is worth repeating."""
+    try:
+        expected = _fetch(shard, settings)
+        problem = _verify(shard.part, expected)
+        if problem is None:
+            os.replace(shard.part, shard.path)
+            settings.progress.shard_finished()
+            return shard.path
+        shard.part.unlink()  # a corrupt body is useless for resuming
+    except OSError as e:  # the network errors became Retry, so this is the local disk
+        raise PicochatError(
+            f"shard {shard.index}: cannot write {shard.part}: {e}; free disk space or pick another --dest"
+        ) from e
+    raise Retry(f"{shard.path.name} from {shard.url}: {problem}", _CORRUPT_HINT)
+
+
 def _download_one(shard: _Shard, settings: _Settings) -> Path:
-    """Fetch, verify and rename one shard, retrying with exponential back-off; PicochatError if it fails."""
-    error: _Retry | None = None
-    for attempt in range(settings.retries + 1):
-        if attempt:
-            delay = error.retry_after or min(settings.backoff * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS)
-            tqdm.write(f"shard {shard.index}: {error}; retry {attempt}/{settings.retries} in {delay:.1f}s")
-            if settings.stop.wait(delay):
-                raise PicochatError("download interrupted; run the same command again to resume")
-        try:
-            expected = _fetch(shard, settings)
-            problem = _verify(shard.part, expected)
-            if problem is None:
-                os.replace(shard.part, shard.path)
-                settings.progress.shard_finished()
-                return shard.path
-            shard.part.unlink()  # a corrupt body is useless for resuming
-            error = _Retry(f"{shard.path.name} from {shard.url}: {problem}", _CORRUPT_HINT)
-        except _Retry as e:
-            error = e
-        except OSError as e:  # the network errors became _Retry, so this is the local disk
-            raise PicochatError(
-                f"shard {shard.index}: cannot write {shard.part}: {e}; free disk space or pick another --dest"
-            ) from e
-    raise PicochatError(
-        f"shard {shard.index} failed after {settings.retries + 1} attempts: {error}; {error.hint} "
-        "(rerun the same command to try again: finished shards are kept, partial ones resume)"
+    """One shard, retried with exponential back-off (picochat.retry); PicochatError if it fails."""
+    return with_retries(
+        lambda: _attempt(shard, settings),
+        f"shard {shard.index}",
+        settings.retries,
+        settings.backoff,
+        settings.stop,
     )
 
 
@@ -361,6 +353,50 @@ def _existing(shard: _Shard) -> bool:
     tqdm.write(f"shard {shard.index}: {shard.path} is damaged ({problem}); downloading it again")
     shard.path.unlink()
     return False
+
+
+def prepare_dest(dest: str | Path | None) -> Path:
+    """The destination folder (default $PICOCHAT_HOME/base_data), created if needed."""
+    dest = Path(dest) if dest is not None else resolve_data_dir("hub")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PicochatError(f"cannot create the destination folder {dest}: {e}; pick another --dest") from e
+    return dest
+
+
+def run_all(
+    job: Callable[[T], object],
+    items: Sequence[T],
+    workers: int,
+    stop: threading.Event | None = None,
+    done: Callable[[], None] | None = None,
+) -> list[str]:
+    """Run `job(item)` for every item on `workers` threads; returns the messages of the PicochatErrors raised
+    (one per failed item). `done()` is called after each item. On Ctrl-C, `stop` is set (jobs notice it at
+    their next block or back-off wait, partial files stay for resuming) and queued items are dropped."""
+    failures: list[str] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(job, item) for item in items]
+        try:
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except PicochatError as e:
+                    failures.append(str(e))
+                if done is not None:
+                    done()
+        except KeyboardInterrupt:
+            if stop is not None:
+                stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return failures
+
+
+def raise_failures(failures: list[str]) -> None:
+    if failures:
+        raise PicochatError(f"{len(failures)} shard(s) failed:\n  " + "\n  ".join(sorted(failures)))
 
 
 def download_shards(
@@ -384,30 +420,14 @@ def download_shards(
     """
     if workers < 1 or retries < 0 or backoff < 0 or timeout <= 0:
         raise PicochatError("--workers and --timeout must be positive, --retries and --backoff not negative")
-    dest = Path(dest) if dest is not None else resolve_data_dir("hub")
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PicochatError(f"cannot create the destination folder {dest}: {e}; pick another --dest") from e
+    dest = prepare_dest(dest)
     token = os.environ.get("HF_TOKEN") if token is None else token
     shards = [_shard(i, base_url, filename, dest) for i in indices]
     todo = [s for s in shards if not _existing(s)]
     started = time.monotonic()
     settings = _Settings(retries, backoff, timeout, token, _Progress(len(todo)))
-    failures = []
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_download_one, s, settings) for s in todo]
-            try:
-                for future in as_completed(futures):
-                    try:
-                        future.result()
-                    except PicochatError as e:
-                        failures.append(str(e))
-            except KeyboardInterrupt:
-                settings.stop.set()  # workers stop at their next block; .part files stay for resuming
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        failures = run_all(lambda shard: _download_one(shard, settings), todo, workers, settings.stop)
     finally:
         received = settings.progress.close()
     seconds = time.monotonic() - started
@@ -418,6 +438,5 @@ def download_shards(
         f"{present} already present, {len(failures)} failed",
         flush=True,
     )
-    if failures:
-        raise PicochatError(f"{len(failures)} shard(s) failed:\n  " + "\n  ".join(sorted(failures)))
+    raise_failures(failures)
     return [s.path for s in shards]

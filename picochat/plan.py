@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise PicochatError(
             f"device batch {plan['batch'].device_batch_size} needs about {need:.0f} GiB per GPU but the "
             f"{plan['gpu'].name} has {plan['gpu'].memory_gib:.0f}; lower --device-batch-size (halve it: "
-            "gradient accumulation keeps the update the same)"
+            "gradient accumulation keeps the update the same; for runs/speedrun.sh set DEVICE_BATCH_SIZE)"
         )
     return 0
 

@@ -108,12 +108,14 @@ def accuracy(model, s: TaskSpec, items: list[dict], **kwargs) -> float:
 # ---------------------------------------------------------------------------------------------
 # The task list
 
+MISSING = "2 missing (not bundled, no hub copy found): squad, coqa"
+
 
 def test_task_list_covers_20_of_22_and_names_the_missing():
     specs = core.core_tasks()
     assert len(specs) == 22
     assert [s.label for s in specs if not s.available] == ["squad", "coqa"]
-    assert core.coverage_summary(specs) == "CORE over 20/22 tasks; missing: squad, coqa"
+    assert core.coverage_summary(specs) == f"CORE over 20/22 tasks; {MISSING}"
     by_label = {s.label: s for s in specs}
     # Spot checks against dclm_heavy.yaml and eval_meta_data_v1.csv (the nanochat baselines).
     assert by_label["jeopardy"].task_type == "language_modeling" and by_label["jeopardy"].num_fewshot == 10
@@ -312,7 +314,7 @@ def test_evaluate_core_on_bundled_tasks():
         }
     )
     assert result["core"] == pytest.approx(2 / 3)
-    assert result["summary"] == "CORE over 3/22 tasks (a selection); missing: squad, coqa"
+    assert result["summary"] == f"CORE over 3/22 tasks (a selection); {MISSING}"
     table = core.format_core_table(result)
     assert "copa" in table and "0.6667" in table and "3/22 tasks (a selection)" in table
 
@@ -321,7 +323,7 @@ def test_evaluate_core_full_quick_run_with_a_flat_model():
     result = core.evaluate_core(uniform_model, TOK, "cpu", max_per_task=1, max_seq_len=256)
     assert len(result["tasks"]) == 20 and result["missing"] == ["squad", "coqa"]
     # One byte per token: a 256-token context is too short for many few-shot prompts, and says so.
-    assert result["summary"].startswith("CORE over 20/22 tasks; missing: squad, coqa; ")
+    assert result["summary"].startswith(f"CORE over 20/22 tasks; {MISSING}; ")
     assert all(r["n"] + r["skipped"] == 1 for r in result["tasks"].values())
     # Each centred accuracy is either 1 (a lucky tie-break) or -baseline/(1-baseline) (a miss).
     for r in (r for r in result["tasks"].values() if r["n"]):
@@ -351,15 +353,23 @@ def test_real_tokenizer_spans_when_available(tmp_path, monkeypatch):
         assert all(1 <= st < e == len(r) for r, st, e in zip(rows, starts, ends, strict=True)), s.label
 
 
-def test_eval_base_command_records_the_report_section(tmp_path, monkeypatch):
+def test_eval_base_command_records_the_report_section(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
     step_dir = tmp_path / "checkpoints" / "base" / "d1" / "step_000007"
     fake = (uniform_model, TOK, {"step": 7, "path": str(step_dir)})
     monkeypatch.setattr("picochat.checkpoint.load_model", lambda stage, tag, step, device: fake)
-    assert core.main(["--core-only", "--max-per-task", "1", "--tasks", "copa,winograd"]) == 0
+    argv = ["--core-only", "--max-per-task", "1", "--tasks", "copa,winograd", "--source", "hub"]
+    assert core.main(argv) == 0
     saved = json.loads((tmp_path / "report" / "base-eval.json").read_text())
     assert saved["model_tag"] == "d1" and saved["step"] == 7 and saved["max_per_task"] == 1
     assert set(saved["tasks"]) == {"copa", "winograd"} and saved["core_missing"] == ["squad", "coqa"]
+    # With --source hub too, squad and coqa are counted, named and explained, in the output and the report.
+    assert saved["core_summary"] == f"CORE over 2/22 tasks (a selection); {MISSING}"
+    out = capsys.readouterr().out
+    assert MISSING in out
+    for label in ("squad", "coqa"):
+        assert f"{label}: not scored (not bundled, no hub copy found); to score it, put" in out
+        assert f"reading_comprehension/{label}.jsonl.gz" in out
     assert saved["core"] == pytest.approx(sum(t["centered"] for t in saved["tasks"].values()) / 2)
     with pytest.raises(core.PicochatError, match="--max-per-task"):
         core.main(["--max-per-task", "0"])

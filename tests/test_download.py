@@ -235,3 +235,58 @@ def test_help_explains_every_flag(capsys):
     actions = download.build_parser()._actions
     assert all(action.help for action in actions)
     assert all(option in text for action in actions for option in action.option_strings)
+
+
+class RecordedWaits(threading.Event):
+    """An Event whose waits return at once and are recorded; `stop_at` waits in, it reports Ctrl-C."""
+
+    def __init__(self, stop_at: int = 0):
+        super().__init__()
+        self.waits: list[float] = []
+        self.stop_at = stop_at
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        return len(self.waits) == self.stop_at
+
+
+def scripted(outcomes: list):
+    """An attempt that raises or returns the outcomes in order, counting its calls."""
+
+    def attempt():
+        attempt.calls += 1
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    attempt.calls = 0
+    return attempt
+
+
+def test_one_retry_loop_backs_off_and_honours_retry_after():
+    from picochat.retry import MAX_BACKOFF_SECONDS, Retry, backoff_delay, with_retries
+
+    clock = RecordedWaits()
+    attempt = scripted([Retry("HTTP 500"), Retry("HTTP 429", retry_after=7.0), Retry("cut"), "ok"])
+    assert with_retries(attempt, "shard 3", retries=3, backoff=0.5, stop=clock) == "ok"
+    assert clock.waits == [0.5, 7.0, 2.0]  # doubling back-off, except where the server said how long
+    assert [backoff_delay(1.0, n) for n in (1, 2, 3, 8)] == [1.0, 2.0, 4.0, MAX_BACKOFF_SECONDS]
+
+
+def test_one_retry_loop_gives_up_with_the_hint_and_never_retries_a_final_error():
+    from picochat.retry import Retry, with_retries
+
+    attempt = scripted([Retry("cut", "check the network")] * 3)
+    given_up = r"^shard 3 failed after 3 attempts: cut; check the network \(rerun"
+    with pytest.raises(PicochatError, match=given_up):
+        with_retries(attempt, "shard 3", retries=2, backoff=0.0, stop=RecordedWaits())
+    assert attempt.calls == 3
+    attempt = scripted([PicochatError("HTTP 404"), "never reached"])
+    with pytest.raises(PicochatError, match="HTTP 404"):
+        with_retries(attempt, "shard 3", retries=5, backoff=0.0, stop=RecordedWaits())
+    assert attempt.calls == 1
+    attempt = scripted([Retry("HTTP 500"), Retry("HTTP 500"), "ok"])
+    with pytest.raises(PicochatError, match="interrupted"):  # Ctrl-C during the second back-off wait
+        with_retries(attempt, "shard 3", retries=5, backoff=0.0, stop=RecordedWaits(stop_at=2))
+    assert attempt.calls == 2

@@ -247,3 +247,18 @@ def test_post_training_and_eval_tasks_load_from_the_hub(hub):
     assert SmolTalk("test", "hub").num_examples() == 5
     fetched = {r.path for r in hub.requests if r.method == "GET"}
     assert fetched == set(files)
+
+
+def test_task_files_retry_server_errors_and_fail_at_once_when_missing(hub, monkeypatch):
+    monkeypatch.setattr(loading, "HUB_BACKOFF", 0.01)
+    gsm = {"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"}
+    name = "openai/gsm8k/main/test-00000-of-00001.parquet"
+    hub.files[name] = parquet_bytes([gsm])
+    hub.faults[name] = ["500", "429"]  # the hub has a bad moment: two failed attempts, then the file
+    assert GSM8K("test", "hub").num_examples() == 1
+    assert len([r for r in hub.requests if r.path == name]) >= 3
+    missing_file = r"could not download main/train-00000-of-00001.parquet .*bundled"
+    with pytest.raises(PicochatError, match=missing_file):
+        GSM8K("train", "hub").num_examples()  # not on this hub: a 404, never retried
+    missing = "openai/gsm8k/main/train-00000-of-00001.parquet"
+    assert len([r for r in hub.requests if r.path == missing]) == 1

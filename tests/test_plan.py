@@ -111,3 +111,33 @@ def test_bad_plan_arguments_are_clear_errors():
         plan.main(["--mfu", "1.5"])
     with pytest.raises(PicochatError, match="--device-batch-size 3 must divide"):
         plan.main(["--device-batch-size", "3"])
+
+
+def test_every_speedrun_command_is_accepted_by_its_own_parser(tmp_path, monkeypatch):
+    """`runs/speedrun.sh --dry-run` (WITH_RL=1, real sizes): each printed command's flags parse with the
+    argparse parser of the module it runs, so no stage dies on a misspelt flag hours into a rented run."""
+    import importlib
+    import os
+    import shlex
+    import subprocess
+
+    from picochat.cli import resolve
+    from picochat.common import REPO_DIR
+
+    env = {**os.environ, "WITH_RL": "1", "PICOCHAT_HOME": str(tmp_path / "home")}
+    done = subprocess.run(["bash", str(REPO_DIR / "runs" / "speedrun.sh"), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    commands = [shlex.split(line) for line in done.stdout.splitlines() if line.strip()]
+    modules = []
+    for argv in commands:
+        if argv[0].endswith("torchrun"):
+            at = argv.index("-m")
+            module, args = argv[at + 1], argv[at + 2 :]
+        else:
+            _, module, args = resolve(argv[1:])
+        parser = importlib.import_module(module).build_parser()
+        monkeypatch.setattr(parser, "error", lambda message, argv=argv: pytest.fail(f"{message}: {argv}"))
+        parser.parse_args(args)
+        modules.append(module)
+    assert {"picochat.plan", "picochat.train.base", "picochat.evals.core", "picochat.train.rl"} <= {*modules}

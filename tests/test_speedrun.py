@@ -71,9 +71,7 @@ def test_speedrun_dry_run_reads_hub_data_everywhere_and_trains_base_at_2048(tmp_
     assert not (tmp_path / "home").exists(), "a dry run writes nothing"
     for argv, stage in zip(commands, stages, strict=True):
         assert argv[0].endswith(("picochat", "torchrun")), argv
-        if stage in ("picochat.train.rl",):
-            assert flag(argv, "--data") == "hub", argv
-        elif stage.startswith(("picochat.train", "picochat.evals", "picochat tokenizer")):
+        if stage.startswith(("picochat.train", "picochat.evals", "picochat tokenizer")):
             assert flag(argv, "--source") == "hub", argv
         if stage in ("picochat.train.base", "picochat plan"):
             assert flag(argv, "--max-seq-len") == "2048", argv

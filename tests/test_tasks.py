@@ -432,6 +432,7 @@ def fake_hub(tmp_path, monkeypatch):
         return files[(repo_id, filename)]
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr("picochat.tasks.loading.HUB_BACKOFF", 0.0)  # "no network" is retried: at once here
     hub_rows.cache_clear()
     yield lambda repo, name, rows: files.update({(repo, name): _write_parquet(tmp_path, name, rows)})
     hub_rows.cache_clear()

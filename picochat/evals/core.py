@@ -15,8 +15,10 @@ none is not scored ("skipped", not in `n`). Both counts are in every task's resu
 
 Everything comes from the bundled `data/eval/core/` (see data/SOURCES.md, section 1a): the task list
 is DCLM's `low_variance_datasets`, the per-task shots / type / delimiter come from `dclm_heavy.yaml`,
-the random baselines from `eval_meta_data_v1.csv` (the values nanochat uses). squad and coqa are not
-bundled, so the score covers 20 of the 22 tasks and every result says so.
+the random baselines from `eval_meta_data_v1.csv` (the values nanochat uses). The CORE bundle's squad
+and coqa files are not bundled (over 4 MiB each) and no copy of them was found on the Hugging Face hub
+(only the original SQuAD and CoQA, in other formats), so the score covers 20 of the 22 tasks and every
+result, table and report section counts and names the two and says why (also with `--source hub`).
 
 `picochat eval base` additionally measures bits per byte on the train and val shards and prints greedy
 samples from fixed prompts, then records the "base-eval" report section.
@@ -56,6 +58,7 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 DEFAULT_DELIMITER = " "  # llm-foundry's continuation delimiter when a task sets none
 DATA_SEED = 1337  # the order of each task's items, so --max-per-task takes a fixed random subset
 FEWSHOT_SEED = 1234  # + the item's index: which other items become its few-shot examples
+MISSING_WHY = "not bundled, no hub copy found"  # squad and coqa, see the module docstring
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # idx (B, T) -> logits (B, T, vocab)
 
@@ -109,14 +112,14 @@ def core_tasks(core_dir: Path = CORE_DIR) -> list[TaskSpec]:
 
 
 def coverage_summary(specs: Sequence[TaskSpec], covered: Sequence[str] | None = None) -> str:
-    """E.g. 'CORE over 20/22 tasks; missing: squad, coqa'. `covered` defaults to every bundled task;
-    a narrower selection (--tasks) is counted as such."""
+    """E.g. 'CORE over 20/22 tasks; 2 missing (...): squad, coqa'. `covered` defaults to every bundled
+    task; a narrower selection (--tasks) is counted as such."""
     missing = [s.label for s in specs if not s.available]
     n_covered = len(specs) - len(missing) if covered is None else len(covered)
     text = f"CORE over {n_covered}/{len(specs)} tasks"
     if covered is not None and n_covered < len(specs) - len(missing):
         text += " (a selection)"
-    return text + (f"; missing: {', '.join(missing)}" if missing else "")
+    return text + (f"; {len(missing)} missing ({MISSING_WHY}): {', '.join(missing)}" if missing else "")
 
 
 def load_examples(spec: TaskSpec) -> list[dict[str, Any]]:
@@ -339,16 +342,11 @@ def evaluate_core(
                 )
             counts = _all_reduce_counts(counts, device, distributed)
             accuracy = counts.correct / max(counts.total, 1)
-            results[spec.label] = {
-                "accuracy": accuracy,
-                "centered": centered_accuracy(accuracy, spec.baseline),
-                "baseline": spec.baseline,
-                "n": counts.total,
-                "type": spec.task_type,
-                "shots": spec.num_fewshot,
-                "fewer_shots": counts.fewer_shots,
-                "skipped": counts.skipped,
-            }
+            results[spec.label] = dict(
+                accuracy=accuracy, centered=centered_accuracy(accuracy, spec.baseline), n=counts.total,
+                baseline=spec.baseline, type=spec.task_type, shots=spec.num_fewshot,
+                fewer_shots=counts.fewer_shots, skipped=counts.skipped,
+            )  # fmt: skip
     finally:
         if was_training:
             model.train()
@@ -428,7 +426,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--source",
         default=None,
-        help="pretraining shards for bits per byte: bundled (default), hub or a folder",
+        help="pretraining shards for bits per byte: bundled (default), hub or a folder (CORE's tasks are "
+        "always the bundled ones: squad and coqa have no hub copy and are counted as missing)",
     )
     p.add_argument("--device-type", default="", help="cuda | cpu | mps (default: autodetect)")
     return p
@@ -446,18 +445,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         t0 = time.time()
         result = evaluate_core(model, tokenizer, device, args.max_per_task, tasks)
         print0(format_core_table(result))
+        for spec in (s for s in core_tasks() if not s.available):
+            print0(
+                f"{spec.label}: not scored ({MISSING_WHY}); to score it, put the bundle's copy at {spec.path}"
+            )
         section: dict[str, Any] = {
-            "stage": args.stage,
-            "model_tag": args.model_tag or Path(meta["path"]).parent.name,
-            "step": meta.get("step"),
-            "core": result["core"],
-            "core_summary": result["summary"],
-            "core_covered": result["covered"],
-            "core_missing": result["missing"],
-            "max_per_task": args.max_per_task,
-            "tasks": result["tasks"],
-            "core_seconds": time.time() - t0,
-        }
+            "stage": args.stage, "model_tag": args.model_tag or Path(meta["path"]).parent.name,
+            "step": meta.get("step"), "core": result["core"], "core_summary": result["summary"],
+            "core_covered": result["covered"], "core_missing": result["missing"],
+            "max_per_task": args.max_per_task, "tasks": result["tasks"], "core_seconds": time.time() - t0,
+        }  # fmt: skip
         if not args.core_only:
             section.update(_bpb_and_samples(model, tokenizer, device, args))
         from picochat.report import record

@@ -1,7 +1,8 @@
 """Where task rows come from: the bundled copies in `data/`, or the Hugging Face hub when asked.
 
 Hub files are fetched with huggingface_hub's `hf_hub_download` into its cache (HF_HOME), so HF_ENDPOINT,
-HF_HUB_OFFLINE and HF_TOKEN work as everywhere in the Hugging Face tools. The real-scale datasets:
+HF_HUB_OFFLINE and HF_TOKEN work as everywhere in the Hugging Face tools, and a failed transfer is retried
+with back-off as for the pretraining shards (picochat.retry). The real-scale datasets:
 SmolTalk (HuggingFaceTB/smol-smoltalk), MMLU auxiliary-train and test (cais/mmlu), GSM8K (openai/gsm8k),
 ARC (allenai/ai2_arc) and HumanEval (openai/openai_humaneval); each task module names its files.
 
@@ -88,21 +89,38 @@ def hub_endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT") or None
 
 
+HUB_RETRIES, HUB_BACKOFF = 5, 1.0  # a failed download is tried again 5 times, after 1, 2, 4, 8, 16 s
+
+
 @functools.cache
 def hub_rows(repo_id: str, filenames: tuple[str, ...]) -> ParquetRows:
-    """Rows of parquet files in a Hugging Face dataset repository (downloaded once, then cached)."""
+    """Rows of parquet files in a Hugging Face dataset repository (downloaded once, then cached).
+
+    A network error or HTTP 5xx/429 is retried with back-off (picochat.retry, as for pretraining shards);
+    a missing file, a refused token or HF_HUB_OFFLINE fails at once."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as e:
         raise PicochatError("loading from the hub needs huggingface_hub: pip install huggingface_hub") from e
-    paths = []
-    for filename in filenames:
+    from picochat.download import hub_error  # imported here: picochat.download imports this module
+    from picochat.retry import Retry, with_retries
+
+    def fetch(filename: str) -> str:
         try:
-            paths.append(hf_hub_download(repo_id, filename, repo_type="dataset", endpoint=hub_endpoint()))
-        except Exception as e:  # offline, unknown file, HTTP error: all mean "no hub data here"
+            return hf_hub_download(repo_id, filename, repo_type="dataset", endpoint=hub_endpoint())
+        except Exception as e:  # huggingface_hub raises many types; hub_error sorts them
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            if hub_error(e, f"{filename} of {repo_id}") is None:
+                raise Retry(
+                    reason, "check the internet connection, or use the bundled copy (source='bundled')"
+                ) from e
             raise PicochatError(
                 f"could not download {filename} of the dataset {repo_id} from the Hugging Face hub "
-                f"({type(e).__name__}: {e}); check the internet connection, or use the bundled copy "
-                "(source='bundled')"
+                f"({reason}); check the internet connection, or use the bundled copy (source='bundled')"
             ) from e
+
+    paths = []
+    for filename in filenames:
+        what = f"{filename} of the dataset {repo_id}"
+        paths.append(with_retries(functools.partial(fetch, filename), what, HUB_RETRIES, HUB_BACKOFF))
     return ParquetRows(paths)
