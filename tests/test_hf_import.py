@@ -259,3 +259,40 @@ def test_padded_ids_are_never_sampled_by_picochat_or_transformers(padded, capsys
         theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12)[0, len(prompt) :].tolist()
     stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
     assert [t for t in theirs if t not in stops] == greedy[0][len(prompt) :]  # picochat drops the stop
+
+
+def test_imported_model_trains_evaluates_and_serves(padded, monkeypatch):
+    """train sft / train rl / eval chat / serve -i imported, a couple of steps or questions each, on
+    the padded model (any sampled id without a token would crash them at decoding)."""
+    from openai import OpenAI
+    from serve_fakes import ServerThread
+
+    sft = ["train", "sft", "-i", "imported", "--num-iterations", "1", "--device-batch-size", "2",
+           "--target-examples-per-step", "2", "--max-seq-len", "128", "--eval-every", "0",
+           "--eval-tokens", "256", "--eval-metrics-every", "-1"]  # fmt: skip
+    assert cli.main(sft) == 0
+    assert list_steps(checkpoint_dir_for("sft", "d2")) == [1]
+    rl = ["train", "rl", "-i", "imported", "--num-iterations", "1", "--examples-per-step", "1",
+          "--num-samples", "2", "--device-batch-size", "2", "--max-new-tokens", "8",
+          "--eval-examples", "1", "--eval-every", "0"]  # fmt: skip
+    assert cli.main(rl) == 0
+    assert list_steps(checkpoint_dir_for("rl", "d2")) == [1]
+    evaluate = ["eval", "chat", "-i", "imported", "-a", "ARC-Easy|SpellingBee", "--max-per-task", "2",
+                "--max-new-tokens", "8", "--temperature", "1", "--num-samples", "2"]  # fmt: skip
+    assert cli.main(evaluate) == 0
+    served = {}
+    monkeypatch.delenv("PICOCHAT_API_KEY", raising=False)
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: served.update(app=app))
+    assert cli.main(["serve", "-i", "imported"]) == 0
+    with ServerThread(served["app"]) as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+        (model,) = [m.id for m in client.models.list().data]
+        chat = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+            temperature=1.0, logprobs=True, top_logprobs=3,
+        )  # fmt: skip
+        scored = client.completions.create(
+            model=model, prompt="hello", max_tokens=1, echo=True, logprobs=3
+        )
+    assert isinstance(chat.choices[0].message.content, str) and chat.choices[0].logprobs.content
+    assert scored.choices[0].logprobs.top_logprobs[-1]
