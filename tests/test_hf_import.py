@@ -291,8 +291,6 @@ def test_imported_model_trains_evaluates_and_serves(padded, monkeypatch):
             model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
             temperature=1.0, logprobs=True, top_logprobs=3,
         )  # fmt: skip
-        scored = client.completions.create(
-            model=model, prompt="hello", max_tokens=1, echo=True, logprobs=3
-        )
+        scored = client.completions.create(model=model, prompt="hello", max_tokens=1, echo=True, logprobs=3)
     assert isinstance(chat.choices[0].message.content, str) and chat.choices[0].logprobs.content
     assert scored.choices[0].logprobs.top_logprobs[-1]
