@@ -191,7 +191,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.tokens = ChatTokens.from_tokenizer(tokenizer, tool)
         self.device = model.lm_head.weight.device
-        self.vocab_size = model.config.vocab_size
+        # A model's lm_head may have more rows than the tokenizer has tokens (a padded vocabulary, e.g.
+        # an imported nanochat model): ids without a token are cut off the logits, never sampled.
+        self.vocab_size = min(model.config.vocab_size, tokenizer.get_vocab_size())
         self.max_context = model.config.sequence_len  # prompt + reply tokens the model was trained on
 
     def last_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -201,7 +203,7 @@ class Engine:
         # bf16 on GPU, as in training (a fresh context each call: autocast objects are not reentrant)
         cuda = self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
-            return self.model(ids, kv_cache=cache, last_only=True)[:, -1]
+            return self.model(ids, kv_cache=cache, last_only=True)[:, -1, : self.vocab_size]
 
     def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, KVCache]:
         """Run a prompt through the model, PREFILL_CHUNK tokens at a time: its last logits (1, V) and a

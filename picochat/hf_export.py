@@ -189,6 +189,8 @@ def write_export(
     }
     atomic_write_json(folder / "config.json", hf)
     generation = {"bos_token_id": bos, "eos_token_id": [end, bos], "pad_token_id": bos, "do_sample": False}
+    if config.vocab_size > tokenizer.get_vocab_size():  # a padded lm_head: ids with no token, never sampled
+        generation["suppress_tokens"] = list(range(tokenizer.get_vocab_size(), config.vocab_size))
     atomic_write_json(folder / "generation_config.json", generation)
     atomic_write_text(folder / "tokenizer.json", tokenizer_json(tokenizer))
     tok_config = {

@@ -109,7 +109,7 @@ SECTION_TYPES: dict[str, dict[str, Field]] = {
         init_lr_frac=RATIO, final_reward=SCORE, eval_examples=COUNT, pass_at_k=TABLE, flops_per_token=FLOPS,
         tokens=COUNT,
     ),
-    **{f"chat-eval-{stage}": _CHAT_EVAL for stage in ("mid", "sft", "rl")},
+    **{f"chat-eval-{stage}": _CHAT_EVAL for stage in ("imported", "mid", "sft", "rl")},
 }  # fmt: skip
 # Old field names and the factor that turns their value into the declared field's unit.
 RENAMED = {"train_minutes": ("train_seconds", 60.0)}

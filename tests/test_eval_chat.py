@@ -175,3 +175,14 @@ def test_two_processes_agree_with_one(tmp_path, monkeypatch):
     assert {n: (r["n"], r["accuracy"]) for n, r in two.items()} == {
         n: (r["n"], r["accuracy"]) for n, r in one.items()
     }
+
+
+def test_sample_replies_skip_prompts_longer_than_a_small_context(tmp_path, monkeypatch):
+    """A tiny-context model (SFT's end-of-run samples) cannot hold the GSM8K question: it is skipped,
+    the short chat prompts are still answered."""
+    from picochat.evals.samples import CHAT_PROMPTS, sample_replies
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
+    tokenizer, model = make_home("sft", sequence_len=64)
+    samples = sample_replies(model.eval(), tokenizer, max_tokens=4)
+    assert [s["prompt"] for s in samples] == CHAT_PROMPTS

@@ -60,6 +60,8 @@ def sample_replies(model: torch.nn.Module, tokenizer: Any, max_tokens: int = 128
     for prompt in [*CHAT_PROMPTS, question]:
         conversation = {"messages": [{"role": "user", "content": prompt}]}
         tokens = tokenizer.render_for_completion(conversation)
+        if len(tokens) >= engine.max_context:  # a small-context model cannot hold the GSM8K question
+            continue
         reply, finish = [], None
         for (step,) in engine.stream(tokens, 1, SamplingParams(temperature=0.0, max_tokens=max_tokens)):
             if step is not None:

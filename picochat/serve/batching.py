@@ -447,7 +447,7 @@ class ContinuousBatchingBackend:
         for start in range(0, len(prompt), PREFILL_CHUNK):
             ids = torch.tensor([prompt[start : start + PREFILL_CHUNK]], device=self.engine.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.engine.device.type == "cuda"):
-                logits = self.engine.model(ids, kv_cache=cache)[0]
+                logits = self.engine.model(ids, kv_cache=cache)[0, :, : self.engine.vocab_size]
             targets = prompt[start + 1 : start + 1 + logits.size(0)]  # the next token of each position
             if targets:
                 measured = measure_logprobs(logits[: len(targets)], targets, [top_logprobs] * len(targets))
