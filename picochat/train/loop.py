@@ -295,7 +295,9 @@ class Trainer:
         self.state = LoopState(horizon=horizon, planned=horizon)
 
     def restore(
-        self, weights_from: dict[str, Any] | None = None, check: Callable[[dict[str, Any]], None] | None = None
+        self,
+        weights_from: dict[str, Any] | None = None,
+        check: Callable[[dict[str, Any]], None] | None = None,
     ) -> Any:
         """Continue the latest checkpoint: optimisers, RNG and loop state, after `check(meta)`; return
         this rank's data position.
