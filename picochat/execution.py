@@ -21,7 +21,9 @@ What each run gets:
 - its own session/process group, killed as a whole (SIGKILL) when the run ends or times out;
 - where `unshare` works (root, or unprivileged user namespaces): new network namespace (no network
   at all: just a loopback interface that is down), PID namespace (killing it kills every descendant),
-  a private /proc, and a mount namespace in which / is read-only and /tmp, /var/tmp and /dev/shm are
+  a private, read-only /proc, and a mount namespace in which every mount is read-only (/ and all the
+  others: /dev, bind-mounted files, ...; /sys and its cgroup mounts are unmounted where the kernel
+  allows, else read-only too; see MOUNT_SCRIPT) and /tmp, /var/tmp and /dev/shm are
   private tmpfs mounts of PRIVATE_TMP_SIZES (so at most that much RAM outside the memory limit); the
   working directory lives on that /tmp, so nothing the code writes outlives the run or is visible to
   another run (without `unshare`: a fresh host temp folder, deleted afterwards);
@@ -55,8 +57,8 @@ What remains possible, because the tests run in the same process as the code und
 - Python-level guards can be undone in general (closures, gc, re-importing modules, `type(f.raw)` for
   the real io.FileIO); without root the code runs as the caller's user, so only those guards stand
   between it and the caller's files, and RLIMIT_NPROC counts all of the caller's processes; without
-  `unshare` there is no network isolation beyond the blocked imports and no private /tmp; mounts other
-  than / keep their flags; reads of world-readable files are allowed; CPU and disk bandwidth are not
+  `unshare` there is no network isolation beyond the blocked imports, no private /tmp and no read-only
+  mounts; reads of world-readable files are allowed; CPU and disk bandwidth are not
   throttled. When the caller is root and Python lives in a folder the run's user cannot read (e.g.
   /root/.pyenv), only the stdlib modules the child preloads are importable (PRELOADED_MODULES in
   picochat/_sandbox_child.py: math, re, collections, itertools, hashlib, ...).
@@ -109,7 +111,9 @@ MOUNT_SCRIPT = "\n".join(
         'printf "%s\\n" "$mounts" | while read -r _ point _ options _; do',
         '  case " $seen " in *" $point "*) continue;; esac',
         '  seen="$seen $point"',
-        '  case $point in *\\\\*) point=$(printf "%b" "$(printf "%s" "$point" | sed "s/\\\\\\\\/\\\\\\\\0/g")");; esac',
+        '  case $point in *\\\\*)',
+        '    point=$(printf "%b" "$(printf "%s" "$point" | sed "s/\\\\\\\\/\\\\\\\\0/g")");;',
+        "  esac",
         f"  case $point in {_HIDDEN}) continue;; esac",
         '  case ",$options," in *,ro,*) continue;; esac',
         "  flags=",
