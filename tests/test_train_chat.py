@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_mid_then_sft_train_and_save_reloadable_checkpoints(home):
     }
 
 
-def test_killed_mid_run_resumes_with_the_same_losses(home, monkeypatch):
+def test_killed_mid_run_resumes_with_the_same_losses(home, monkeypatch, capsys):
     from picochat import checkpoint
     from picochat.train import chat_train
 
@@ -107,6 +108,9 @@ def test_killed_mid_run_resumes_with_the_same_losses(home, monkeypatch):
     assert mid.main([*flags, "--model-tag", "d2", "--run", "whole"]) == 0
     whole = train_losses("whole")
     columns = compute_columns("whole")
+    last_line = re.search(r"^step 8/8 \|.*$", capsys.readouterr().out, re.MULTILINE).group(0)
+    _, _, tokens, flops = [c for c in columns if c[0] == "train"][-1]
+    assert f"| tokens {tokens:,} | FLOPs {flops:.3g} |" in last_line, last_line
     summary = json.loads((get_base_dir() / "runs" / "whole" / "summary.json").read_text())
     per_token, steps = summary["flops_per_token"], [c for c in columns if c[0] == "train"]
     assert [c[1] for c in steps] == list(range(1, 9)) and per_token > 0

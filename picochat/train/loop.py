@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +31,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from picochat.checkpoint import (
     capture_rng_state,
@@ -56,6 +54,7 @@ from picochat.common import (
 from picochat.optim import Muon
 from picochat.report import record
 from picochat.train.flops import peak_flops, raise_peak
+from picochat.train.progress import Progress, format_duration, show_figure
 
 EMA_BETA = 0.9  # smoothing of the displayed training loss
 IGNORE = -1  # target value the loss skips
@@ -181,50 +180,6 @@ def synced_max(seconds: float, world_size: int, device: torch.device) -> float:
     t = torch.tensor([seconds], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
-
-
-# ---------------------------------------------------------------------------------------------
-# Step lines
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """A tqdm bar on a terminal; on a file or pipe (tee, nohup) a plain line every `log_every` steps."""
-
-    def __init__(self, state: LoopState, enabled: bool, log_every: int) -> None:
-        self.enabled, self.tty = enabled, sys.stdout.isatty()
-        self.log_every = log_every if log_every > 0 else max(1, round(state.horizon / 50))
-        self.bar = None
-        if enabled and self.tty:
-            self.bar = tqdm(total=state.horizon, initial=state.step, unit="step", dynamic_ncols=True)
-
-    def step(self, state: LoopState, fields: dict[str, str], eta: float) -> None:
-        if self.bar is not None:
-            self.bar.total = state.horizon
-            self.bar.set_postfix(fields, refresh=False)
-            self.bar.update(state.step - self.bar.n)
-        elif self.enabled and (every(self.log_every, state.step) or state.step in (1, state.horizon)):
-            shown = " | ".join(f"{k} {v}" for k, v in fields.items())
-            times = f"{format_duration(state.train_seconds)} elapsed, ETA {format_duration(eta)}"
-            print(f"step {state.step}/{state.horizon} | {shown} | {times}")
-            sys.stdout.flush()
-
-    def write(self, line: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar is not None else print)(line)
-            sys.stdout.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _fmt_figure(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +331,7 @@ class Trainer:
                 continue
             figures = ev.run()
             self.state.figures.update(figures)
-            shown = ", ".join(f"{k} {_fmt_figure(v)}" for k, v in figures.items() if not isinstance(v, list))
+            shown = ", ".join(f"{k} {show_figure(v)}" for k, v in figures.items() if not isinstance(v, list))
             if shown:
                 self.progress.write(f"step {step:6d} | {shown}")
             row = {"step": step, "kind": "eval", **figures, "tokens": self.state.tokens}
@@ -477,7 +432,7 @@ class Trainer:
                 record(self.stage, summary)
                 atomic_write_json(self.run_dir / "summary.json", summary)
             shown = ", ".join(
-                f"{k} {_fmt_figure(v)}" for k, v in state.figures.items() if isinstance(v, (int, float))
+                f"{k} {show_figure(v)}" for k, v in state.figures.items() if isinstance(v, (int, float))
             )
             print0(f"done: {state.step} steps in {format_duration(state.train_seconds)}; {shown}")
             print0(f"checkpoints in {self.ckpt_dir}")
