@@ -2,8 +2,9 @@
 
 `picochat.execution.execute_code` starts this file as `python -I -S _sandbox_child.py` with an empty
 environment, its own process group and, where `unshare` works, new network/PID/mount namespaces in
-which /tmp, /var/tmp and /dev/shm are small private tmpfs mounts and / is read-only. It sends a one-line
-JSON config (which holds the code) on stdin. Steps, in this order, because each needs the one before:
+which /tmp, /var/tmp and /dev/shm are small private tmpfs mounts and every other mount is read-only
+(MOUNT_SCRIPT in picochat/execution.py). It sends a one-line JSON config (which holds the code) on
+stdin. Steps, in this order, because each needs the one before:
 
 1. read the config, then point stdin at /dev/null (the code gets EOF, not our config);
 2. write the code as `main.py` into the working directory (created here on the private /tmp when

@@ -56,7 +56,7 @@ _DIVERGED = "The run diverged (its loss turned NaN) before this save; lower the 
 class Checkpoint(NamedTuple):
     """What `load_checkpoint` returns; unpacks like nanochat's (model, optimiser, meta) triple."""
 
-    model_state: dict[str, torch.Tensor]
+    model_state: dict[str, torch.Tensor] | None  # None when loaded with load_weights=False
     optim_state: Any  # whatever was saved (usually a list of optimiser state dicts), or None
     meta: dict[str, Any]  # includes "step", "path" and "rank_state" (this rank's own state)
 
@@ -91,10 +91,14 @@ def list_steps(checkpoint_dir: str | Path) -> list[int]:
 
 def restore_optimizers(optimizers: list[torch.optim.Optimizer], ckpt: Checkpoint) -> None:
     """Load a checkpoint's optimiser states into `optimizers` (one state per optimiser, same order)."""
+    path = Path(ckpt.meta["path"]) / OPTIM_FILE
     if not isinstance(ckpt.optim_state, list) or len(ckpt.optim_state) != len(optimizers):
         raise PicochatError(f"{ckpt.meta['path']} has no optimiser state for these optimisers; cannot resume")
     for opt, opt_state in zip(optimizers, ckpt.optim_state, strict=True):
-        opt.load_state_dict(opt_state)
+        try:
+            opt.load_state_dict(opt_state)
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # torch's own checks of the layout
+            raise _damaged(path, f"does not fit this run's optimisers ({type(e).__name__}: {e})") from e
 
 
 def check_resume(checkpoint_dir: str | Path, resume: bool, overwrite: bool) -> bool:
@@ -379,36 +383,60 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     *,
     load_optim: bool = True,
+    load_weights: bool = True,
 ) -> Checkpoint:
     """Load (and verify) the checkpoint of `step`, or the latest complete one when step is None.
 
     Refuses, with a PicochatError naming the file and the fix, a checkpoint whose files are missing,
-    truncated, corrupt or unparsable, whose meta.json lacks a field or has a wrong type, or whose
-    weights are not finite. When distributed, each rank gets its own entry of meta["ranks"] as
-    meta["rank_state"].
+    truncated, corrupt or unparsable, whose meta.json lacks a field or has a wrong type, whose
+    optimiser structure is malformed, or whose weights or optimiser state are not finite.
+    `load_weights=False` (optimiser-only restore, for a run whose model was already loaded from this
+    checkpoint) neither reads nor hashes model.safetensors: the weights are read once per resume.
+    When distributed, each rank gets its own entry of meta["ranks"] as meta["rank_state"].
     """
     rank, _ = _dist_world()
     folder = _resolve_step(Path(checkpoint_dir), step)
     meta = _read_meta(folder)
-    model_path = _verify(folder, MODEL_FILE, meta)
-    model_state = load_file(str(model_path), device=str(device))
-    _checked(model_path, checks.check_finite, model_state, cause=_DIVERGED)
+    model_state = None
+    if load_weights:
+        model_path = _verify(folder, MODEL_FILE, meta)
+        model_state = load_file(str(model_path), device=str(device))
+        _checked(model_path, checks.check_finite, model_state, cause=_DIVERGED)
 
     optim_state = None
     if load_optim and OPTIM_FILE in meta["files"]:
-        path = _verify(folder, OPTIM_FILE, meta)
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        if header.get("format") != _OPTIM_FORMAT:
-            raise _damaged(path, "has no picochat optimiser structure in its header")
-        optim_state = unflatten_state(
-            load_file(str(path), device=str(device)), json.loads(header["structure"])
-        )
+        optim_state = _load_optim(_verify(folder, OPTIM_FILE, meta), device)
 
     ranks = meta.get("ranks") or [None]
     meta["rank_state"] = ranks[rank] if rank < len(ranks) else None
     meta["path"] = str(folder)
     return Checkpoint(model_state, optim_state, meta)
+
+
+def _load_optim(path: Path, device: str | torch.device) -> Any:
+    """The optimiser state of a verified optim.safetensors: its tensors put back into the JSON tree of
+    the header. A header that does not describe the tensors (edited, or another format) is refused."""
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if header.get("format") != _OPTIM_FORMAT or not isinstance(header.get("structure"), str):
+        raise _damaged(path, "has no picochat optimiser structure in its header")
+    tensors = load_file(str(path), device=str(device))
+    try:
+        state = unflatten_state(tensors, json.loads(header["structure"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        problem = f"has a malformed optimiser structure in its header ({type(e).__name__}: {e})"
+        raise _damaged(path, problem) from e
+    _checked(path, checks.check_finite, tensors, cause=_DIVERGED)
+    return state
+
+
+def verified_config(ckpt: Checkpoint) -> Any:
+    """The GPTConfig of a checkpoint loaded with its weights, after checking that meta.json's
+    model_config is well-formed and describes exactly those tensors (one line naming the file if not)."""
+    folder = Path(ckpt.meta["path"])
+    config = _checked(folder / META_FILE, checks.model_config, ckpt.meta.get("model_config"))
+    _checked(folder / MODEL_FILE, checks.check_weights_match, config, ckpt.model_state)
+    return config
 
 
 def load_model(
@@ -430,10 +458,8 @@ def load_model(
     model_tag = model_tag or find_model_tag(stage)
     device = torch.device(device if device is not None else autodetect_device_type())
     ckpt = load_checkpoint(checkpoint_dir_for(stage, model_tag), step, device, load_optim=False)
-    folder = Path(ckpt.meta["path"])
-    config = _checked(folder / META_FILE, checks.model_config, ckpt.meta.get("model_config"))
+    config = verified_config(ckpt)
     state = ckpt.model_state
-    _checked(folder / MODEL_FILE, checks.check_weights_match, config, state)
     if device.type != "cuda":  # bf16 weights saved on a GPU are slow or unsupported elsewhere
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     with torch.device(device):

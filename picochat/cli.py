@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-from picochat.common import PicochatError
+from picochat.common import PicochatError, require_writable_home
 
 # (command words, module, one-line description). Order is the order of the pipeline.
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
@@ -30,6 +30,11 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("export",), "picochat.hf_export", "export a checkpoint as a Hugging Face transformers model"),
     (("import",), "picochat.hf_import", "import a transformers NanoChat model as a picochat checkpoint"),
 ]
+# Commands that write under $PICOCHAT_HOME: checked writable before they start (not for --help).
+WRITERS = {
+    ("download",), ("tokenizer", "train"), ("tokenizer", "eval"), ("train", "base"), ("train", "mid"),
+    ("train", "sft"), ("train", "rl"), ("eval", "base"), ("eval", "chat"), ("report",), ("import",),
+}  # fmt: skip
 
 
 def _usage() -> str:
@@ -88,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     words, module, rest = found
     stage_main = importlib.import_module(module).main
     try:
+        if words in WRITERS and not {"-h", "--help"} & set(rest):
+            require_writable_home()
         return int(stage_main(rest, prog="picochat " + " ".join(words)) or 0)
     except PicochatError as e:
         print(f"picochat {' '.join(words)}: error: {e}", file=sys.stderr)

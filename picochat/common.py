@@ -93,14 +93,52 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one JSON line; a single small write+fsync, so a crash loses at most this line."""
+    """Append one JSON line with a single write + fsync, so a crash loses at most this line.
+
+    A failed append (a full disk) truncates the file back to its previous size (and removes it if this
+    call created it) before raising `write_failed`'s one line: no partial line is ever left behind.
+    """
     path = Path(path)
+    line = (json.dumps(record, default=str) + "\n").encode("utf-8")
     with naming_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        created = not path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(line):  # a nearly full disk takes part of a write, then refuses
+                    written += os.write(fd, line[written:])
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):  # the write error is the one to report
+                    os.ftruncate(fd, size)
+                    if created:
+                        os.unlink(path)
+                raise
+        finally:
+            os.close(fd)
+
+
+def require_writable_home() -> Path:
+    """$PICOCHAT_HOME, after checking that a file can be written there; call it before long work.
+
+    A read-only or full $PICOCHAT_HOME would otherwise be found only at the first checkpoint or report
+    write, after the work is done. Raises `write_failed`'s one line naming the folder and the fix.
+    """
+    base = get_base_dir()
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".write-check-")
+        try:
+            os.write(fd, b"picochat")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise write_failed(base, e) from e
+    return base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +235,7 @@ def distributed_runtime(device_type: str = "") -> Iterator[tuple[int, int, torch
     """`init_runtime` for a stage's main(): yields (rank, world_size, device) and leaves the process
     group cleanly at the end. When an error propagates, the group is left as it is: the failing rank
     exits at once and torchrun stops the others (a barrier there would wait for them forever)."""
+    require_writable_home()  # before any long work (loading data, training)
     _, rank, _, world_size, device = init_runtime(device_type)
     from picochat.multinode import require_shared_home  # multi-node: every node must see PICOCHAT_HOME
 

@@ -21,7 +21,9 @@ What each run gets:
 - its own session/process group, killed as a whole (SIGKILL) when the run ends or times out;
 - where `unshare` works (root, or unprivileged user namespaces): new network namespace (no network
   at all: just a loopback interface that is down), PID namespace (killing it kills every descendant),
-  a private /proc, and a mount namespace in which / is read-only and /tmp, /var/tmp and /dev/shm are
+  a private, read-only /proc, and a mount namespace in which every mount is read-only (/ and all the
+  others: /dev, bind-mounted files, ...; /sys and its cgroup mounts are unmounted where the kernel
+  allows, else read-only too; see MOUNT_SCRIPT) and /tmp, /var/tmp and /dev/shm are
   private tmpfs mounts of PRIVATE_TMP_SIZES (so at most that much RAM outside the memory limit); the
   working directory lives on that /tmp, so nothing the code writes outlives the run or is visible to
   another run (without `unshare`: a fresh host temp folder, deleted afterwards);
@@ -55,8 +57,8 @@ What remains possible, because the tests run in the same process as the code und
 - Python-level guards can be undone in general (closures, gc, re-importing modules, `type(f.raw)` for
   the real io.FileIO); without root the code runs as the caller's user, so only those guards stand
   between it and the caller's files, and RLIMIT_NPROC counts all of the caller's processes; without
-  `unshare` there is no network isolation beyond the blocked imports and no private /tmp; mounts other
-  than / keep their flags; reads of world-readable files are allowed; CPU and disk bandwidth are not
+  `unshare` there is no network isolation beyond the blocked imports, no private /tmp and no read-only
+  mounts; reads of world-readable files are allowed; CPU and disk bandwidth are not
   throttled. When the caller is root and Python lives in a folder the run's user cannot read (e.g.
   /root/.pyenv), only the stdlib modules the child preloads are importable (PRELOADED_MODULES in
   picochat/_sandbox_child.py: math, re, collections, itertools, hashlib, ...).
@@ -86,15 +88,42 @@ MAX_OUTPUT_BYTES = 64 * 1024  # per stream (stdout, stderr)
 CHILD_SCRIPT = Path(__file__).with_name("_sandbox_child.py")
 NAMESPACE_FLAGS = ("--net", "--pid", "--mount-proc", "--fork", "--kill-child")
 EXIT_GRACE_SECONDS = 1.0  # how long a child that closed its pipes gets to finish exiting
-# In the run's own mount namespace, before Python starts: / becomes read-only, and /tmp, /var/tmp and
-# /dev/shm become private tmpfs mounts (this much RAM at most) that vanish with the namespace.
+# In the run's own mount namespace, before Python starts: /sys (with its cgroup mounts) is unmounted
+# (nothing in a run needs it), every other mount (/, /dev, /proc, bind-mounted files, whatever the host
+# has) becomes read-only, and /tmp, /var/tmp and /dev/shm become private tmpfs mounts (this much RAM at
+# most) that vanish with the namespace; what was mounted there is hidden under them. A remount keeps the
+# mount's nosuid/nodev/noexec/atime flags (clearing one would weaken it, and in a user namespace the
+# kernel refuses it). A mount that cannot be remounted is unmounted, and one that can be neither aborts
+# the set-up, so a run never starts with a writable mount left behind. Only the topmost mount at a path
+# is reachable, so each path is handled once; the kernel writes a space, tab, newline or backslash in a
+# path as \ooo octal, decoded with printf %b.
 PRIVATE_TMP_SIZES = {"/tmp": "32m", "/var/tmp": "8m", "/dev/shm": "8m"}
 PRIVATE_WORKDIR = "/tmp/run"  # on the private /tmp; without namespaces a fresh host temp folder
 TMPFS_OPTIONS = "mode=1777,nosuid,nodev,noexec"
-MOUNT_SCRIPT = "".join(
+KEPT_MOUNT_FLAGS = ("nosuid", "nodev", "noexec", "noatime", "nodiratime", "relatime", "strictatime")
+_HIDDEN = "|".join(f"{p}|{p}/*" for p in PRIVATE_TMP_SIZES)
+MOUNT_SCRIPT = "\n".join(
     [
-        "set -e; mount -o remount,bind,ro /; ",
-        *(f"if [ -d {p} ]; then mount -t tmpfs -o size={n},{TMPFS_OPTIONS} tmpfs {p}; fi; "
+        "set -e",
+        "umount --recursive --lazy /sys 2>/dev/null || true",  # else its mounts are made read-only below
+        "mounts=$(cat /proc/self/mounts)",
+        "seen=",
+        'printf "%s\\n" "$mounts" | while read -r _ point _ options _; do',
+        '  case " $seen " in *" $point "*) continue;; esac',
+        '  seen="$seen $point"',
+        '  case $point in *\\\\*)',
+        '    point=$(printf "%b" "$(printf "%s" "$point" | sed "s/\\\\\\\\/\\\\\\\\0/g")");;',
+        "  esac",
+        f"  case $point in {_HIDDEN}) continue;; esac",
+        '  case ",$options," in *,ro,*) continue;; esac',
+        "  flags=",
+        f"  for flag in {' '.join(KEPT_MOUNT_FLAGS)}; do",
+        '    case ",$options," in *",$flag,"*) flags="$flags,$flag";; esac',
+        "  done",
+        '  mount -o "remount,bind,ro$flags" "$point" 2>/dev/null || umount --lazy "$point" 2>/dev/null ||',
+        '    { echo "sandbox: cannot make $point read-only" >&2; exit 1; }',
+        "done",
+        *(f"if [ -d {p} ]; then mount -t tmpfs -o size={n},{TMPFS_OPTIONS} tmpfs {p}; fi"
           for p, n in PRIVATE_TMP_SIZES.items()),
         'exec "$@"',
     ]

@@ -4,9 +4,10 @@ Each plotted metric gets one figure with a panel per x-axis: step, training comp
 stage lets us count it) and training time. Noisy per-step curves are drawn smoothed (a bias-corrected
 exponential moving average) over the raw curve drawn faint behind; a few validation points are dots.
 
-FLOPs come from the metrics line's own `flops` if a stage logs it, else its cumulative `tokens` x the
-section's `flops_per_token`, else `step` x `total_batch_size` x `flops_per_token` (base training has a
-fixed number of tokens per step). A stage that records none of these has no FLOPs panel.
+FLOPs come from the metrics line's own `flops` (the cumulative count every training stage logs on its
+step and eval lines, see picochat/train/loop.py). Metrics written before stages logged it fall back to
+the line's `tokens` x the section's `flops_per_token`, else `step` x `total_batch_size` x
+`flops_per_token`; a stage that records none of these has no FLOPs panel.
 """
 
 from __future__ import annotations

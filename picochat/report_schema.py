@@ -57,7 +57,8 @@ def _fields(required: str = "", **fields: str) -> dict[str, Field]:
 
 _TRAINED = {"model_tag": TEXT, "processes": COUNT, "device": TEXT, "train_seconds": SECONDS,
             "metrics": PATH, "checkpoint_dir": PATH, "samples": SAMPLES, "steps": COUNT,
-            "mfu_percent": PERCENT, "peak_flops": RATE, "peak_flops_source": TEXT}  # fmt: skip
+            "mfu_percent": PERCENT, "peak_flops": RATE, "peak_flops_source": TEXT,
+            "tokens": COUNT, "flops": FLOPS, "flops_per_token": FLOPS}  # fmt: skip
 _CHAT_EVAL = _fields(
     "tasks",
     stage=TEXT, model_tag=TEXT, step=COUNT, tasks=TABLE, ChatCORE=SCORE, missing=JSON, max_per_task=COUNT,
@@ -69,7 +70,7 @@ CHAT_TASK_NAMES = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "S
 _CHAT_TRAIN = _fields(
     "steps",
     **_TRAINED, input=JSON, grad_accum_steps=COUNT, device_batch_size=COUNT, max_seq_len=COUNT,
-    final_val_loss=NATS, train_conversations=COUNT, flops_per_token=FLOPS, tokens=COUNT,
+    final_val_loss=NATS, train_conversations=COUNT,
     **{f"accuracy_{task}": SCORE for task in CHAT_TASK_NAMES},
 )  # fmt: skip
 
@@ -92,7 +93,7 @@ SECTION_TYPES: dict[str, dict[str, Field]] = {
         "steps",
         **_TRAINED, model_config=JSON, total_batch_size=COUNT, device_batch_size=COUNT,
         grad_accum_steps=COUNT, num_iterations=COUNT, eval_steps=COUNT, num_params=COUNT,
-        scaling_params=COUNT, flops_per_token=FLOPS, target_tokens=COUNT, tokens=COUNT, final_val_bpb=BPB,
+        scaling_params=COUNT, target_tokens=COUNT, final_val_bpb=BPB,
         min_val_bpb=BPB, core_metric=SCORE,
     ),
     "base-eval": _fields(
@@ -106,8 +107,7 @@ SECTION_TYPES: dict[str, dict[str, Field]] = {
     "rl": _fields(
         "steps",
         **_TRAINED, input=JSON, examples_per_step=COUNT, num_samples=COUNT, max_new_tokens=COUNT,
-        init_lr_frac=RATIO, final_reward=SCORE, eval_examples=COUNT, pass_at_k=TABLE, flops_per_token=FLOPS,
-        tokens=COUNT,
+        init_lr_frac=RATIO, final_reward=SCORE, eval_examples=COUNT, pass_at_k=TABLE,
     ),
     **{f"chat-eval-{stage}": _CHAT_EVAL for stage in ("imported", "mid", "sft", "rl")},
 }  # fmt: skip

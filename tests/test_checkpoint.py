@@ -286,3 +286,119 @@ def test_non_finite_weights_are_refused_on_load(tmp_path, bad):
     message = str(err.value)
     assert f"{folder / 'model.safetensors'} holds non-finite values (NaN or inf) in 1.weight" in message
     assert "diverged" in message and "fall back to the previous checkpoint (step 1)" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimiser state: a malformed structure header or non-finite moments are refused in one line
+
+
+def _rewrite_optim(folder, tensors, header) -> None:
+    """Replace optim.safetensors (keeping meta.json's size and sha256 in step, as a hand edit would)."""
+    from safetensors.torch import save_file
+
+    path = folder / "optim.safetensors"
+    save_file(tensors, str(path), metadata=header)
+    _edit_meta(folder, lambda m: m["files"]["optim.safetensors"].update(
+        size=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest()))  # fmt: skip
+
+
+def _one_clear_line(err, path, *fragments) -> None:
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "Fix: copy the checkpoint again" in message
+    assert all(f in message for f in fragments), message
+
+
+@pytest.mark.parametrize(
+    "header,message",
+    [
+        ({"format": "picochat-optim-v1"}, "has no picochat optimiser structure in its header"),
+        ({"format": "another-format", "structure": "[]"}, "has no picochat optimiser structure"),
+        ({"format": "picochat-optim-v1", "structure": "{not json"}, "malformed optimiser structure"),
+        ({"format": "picochat-optim-v1", "structure": '[{"__tensor__": "/9/nowhere"}]'}, "KeyError"),
+        ({"format": "picochat-optim-v1", "structure": '[{"__items__": 5}]'}, "TypeError"),
+        ({"format": "picochat-optim-v1", "structure": '[{"__items__": [[1, 2, 3]]}]'}, "ValueError"),
+        ({"format": "picochat-optim-v1", "structure": '[{"__tensor__": ["/0"]}]'}, "TypeError"),
+    ],
+)
+def test_malformed_optimiser_structure_is_one_clear_error(tmp_path, header, message):
+    from safetensors.torch import load_file
+
+    model, optimizers = _trained_pair()
+    folder = _save(tmp_path, 1, model, optimizers)
+    _rewrite_optim(folder, load_file(str(folder / "optim.safetensors")), header)
+    with pytest.raises(PicochatError) as err:
+        load_checkpoint(tmp_path)
+    _one_clear_line(err, folder / "optim.safetensors", message)
+    assert load_checkpoint(tmp_path, load_optim=False).model_state is not None  # the weights still load
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_optimiser_state_is_refused_on_restore(tmp_path, bad):
+    model, optimizers = _trained_pair()
+    _save(tmp_path, 1, model, optimizers)
+    first_param = optimizers[0].param_groups[0]["params"][0]
+    optimizers[0].state[first_param]["exp_avg_sq"][0, 0] = bad  # an AdamW second moment
+    folder = _save(tmp_path, 2, model, optimizers)
+    with pytest.raises(PicochatError) as err:
+        load_checkpoint(tmp_path)
+    _one_clear_line(err, folder / "optim.safetensors", "holds non-finite values (NaN or inf) in /0/state/")
+    assert "diverged" in str(err.value) and "previous checkpoint (step 1)" in str(err.value)
+
+
+def test_optimiser_state_of_another_layout_is_one_clear_error(tmp_path):
+    from picochat.checkpoint import restore_optimizers
+
+    model, optimizers = _trained_pair()
+    folder = _save(tmp_path, 1, model, optimizers)
+    other = torch.nn.Linear(4, 8)
+    split = [torch.optim.AdamW([other.weight], lr=1e-2), torch.optim.SGD([other.bias], lr=1e-2)]
+    split[0].add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})  # one group too many
+    with pytest.raises(PicochatError) as err:
+        restore_optimizers(split, load_checkpoint(tmp_path))
+    _one_clear_line(err, folder / "optim.safetensors", "does not fit this run's optimisers")
+
+
+def test_optimiser_only_restore_reads_no_weights(tmp_path, monkeypatch):
+    """`load_weights=False` (mid/SFT/RL --resume: the model was loaded already) neither reads nor hashes
+    model.safetensors: damaging it after the first load changes nothing."""
+    from picochat import checkpoint
+
+    model, optimizers = _trained_pair()
+    folder = _save(tmp_path, 1, model, optimizers)
+    (folder / "model.safetensors").write_bytes(b"not read")
+    read = []
+    real_load_file = checkpoint.load_file
+    monkeypatch.setattr(
+        checkpoint, "load_file", lambda path, **kw: read.append(path) or real_load_file(path, **kw)
+    )
+    ckpt = load_checkpoint(tmp_path, 1, load_weights=False)
+    assert ckpt.model_state is None and read == [str(folder / "optim.safetensors")]
+    _, fresh = _trained_pair(seed=1)
+    checkpoint.restore_optimizers(fresh, ckpt)
+    for restored, saved in zip(fresh, optimizers, strict=True):
+        for a, b in zip(restored.state.values(), saved.state.values(), strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    with pytest.raises(PicochatError, match="model.safetensors is truncated"):
+        load_checkpoint(tmp_path, 1)  # a full load still checks it
+
+
+def test_resume_with_weights_checks_them_against_meta(tmp_path, monkeypatch):
+    """The loop's own restore (base --resume: the weights come from the checkpoint) makes the same
+    weights/meta.json agreement check as load_model."""
+    import argparse
+
+    from picochat.checkpoint import checkpoint_dir_for
+    from picochat.gpt import GPT, GPTConfig
+    from picochat.train.loop import Trainer
+
+    folder = _tiny_gpt_home(tmp_path, monkeypatch)
+    args = argparse.Namespace(resume=True, overwrite=False, dry_run=False, num_iterations=-1, max_minutes=0)
+    trainer = Trainer(args, 0, 1, torch.device("cpu"), checkpoint_dir_for("base", "d1"), "resume-check")
+    config = json.loads((folder / "meta.json").read_text())["model_config"]
+    trainer.model = GPT(GPTConfig(**config))
+    _edit_meta(folder, lambda m: m["model_config"].update(n_layer=2))
+    with pytest.raises(PicochatError) as err:
+        trainer.restore(check=lambda meta: pytest.fail("checked the flags before the weights"))
+    message = str(err.value)
+    assert f"{folder / 'model.safetensors'} disagree with meta.json's model_config" in message
+    assert "tensors missing" in message and "\n" not in message

@@ -1,5 +1,6 @@
 """A read-only $PICOCHAT_HOME or a full disk: one PicochatError line naming the path, never a raw
-OSError/SafetensorError, and the checkpoints already published stay loadable.
+OSError/SafetensorError; the checkpoints already published stay loadable, a failed metrics append leaves
+no partial line, and a stage that writes checks $PICOCHAT_HOME at start-up, before any work.
 
 As root (CI) the read-only folder and the full disk are real: small tmpfs mounts. Without root the
 read-only folder is a chmod-ed one and the full-disk tests are skipped (only root can mount).
@@ -7,6 +8,7 @@ read-only folder is a chmod-ed one and the full-disk tests are skipped (only roo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -14,7 +16,13 @@ import pytest
 import torch
 
 from picochat.checkpoint import list_steps, load_checkpoint, save_checkpoint
-from picochat.common import PicochatError, append_jsonl, atomic_write_json, get_base_dir
+from picochat.common import (
+    PicochatError,
+    append_jsonl,
+    atomic_write_json,
+    get_base_dir,
+    require_writable_home,
+)
 
 ROOT = os.geteuid() == 0
 
@@ -93,3 +101,66 @@ def test_full_disk_for_json_and_metrics(small_disk):
     with pytest.raises(PicochatError) as err:
         append_jsonl(small_disk / "metrics.jsonl", big)
     one_line(err, small_disk / "metrics.jsonl", "No space left on device")
+
+
+def test_a_failed_append_leaves_the_file_as_it_was(small_disk):
+    metrics = small_disk / "metrics.jsonl"
+    append_jsonl(metrics, {"step": 1, "loss": 3.0})
+    before = metrics.read_bytes()
+    filler = small_disk / "filler"
+    with pytest.raises(OSError):  # fill the disk, so that the next line fits only in part
+        with open(filler, "wb") as f:
+            while True:
+                f.write(bytes(4096))
+                f.flush()
+    with pytest.raises(PicochatError) as err:
+        append_jsonl(metrics, {"step": 2, "text": "x" * 20_000})  # longer than the page it could take
+    one_line(err, metrics, "No space left on device", "free some space there")
+    assert metrics.read_bytes() == before  # truncated back: no partial line
+    with pytest.raises(PicochatError):
+        append_jsonl(small_disk / "new.jsonl", {"text": "x" * 20_000})
+    assert not (small_disk / "new.jsonl").exists()  # a file the failed append created is removed
+    filler.unlink()
+    append_jsonl(metrics, {"step": 2})
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up check: a stage that writes refuses an unwritable $PICOCHAT_HOME before any work
+
+
+def test_unwritable_home_is_refused_before_any_work(read_only, monkeypatch, capsys):
+    from picochat import cli, common
+
+    monkeypatch.setenv("PICOCHAT_HOME", str(read_only))
+    with pytest.raises(PicochatError) as err:
+        require_writable_home()
+    one_line(err, read_only, "point PICOCHAT_HOME at a writable folder")
+
+    started = []
+    monkeypatch.setattr(common, "init_runtime", lambda *a: started.append("runtime"))
+    with pytest.raises(PicochatError) as err, common.distributed_runtime("cpu"):  # torchrun -m ... stages
+        started.append("work")
+    one_line(err, read_only, "writable")
+
+    class Stage:  # stands in for every stage module: it must never be started
+        @staticmethod
+        def main(argv, prog):
+            started.append(prog)
+            return 0
+
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: Stage)
+    for words in sorted(cli.WRITERS):
+        assert cli.main([*words, "--device-type", "cpu"]) == 1
+        assert capsys.readouterr().err.strip() == f"picochat {' '.join(words)}: error: {err.value}"
+    assert started == []
+    assert cli.main(["train", "base", "--help"]) == 0  # --help still works there
+    assert cli.main(["chat", "-p", "hi"]) == 0  # and commands that only read are not checked
+    assert started == ["picochat train base", "picochat chat"]
+    assert os.listdir(read_only) == []
+
+
+def test_writable_home_check_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
+    assert require_writable_home() == tmp_path / "home"
+    assert os.listdir(tmp_path / "home") == []

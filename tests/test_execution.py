@@ -5,6 +5,7 @@ Most tests run twice: "isolated" is the real set-up (namespaces + dropping root 
 undo the Python guards on purpose and check that the OS-level layers still contain the code.
 """
 
+import json
 import os
 import random
 import shutil
@@ -502,6 +503,51 @@ def test_kernel_gives_each_run_a_private_tmp_that_vanishes():
     assert result.stdout == f"['/tmp/picochat-sandbox-marker-{tag}']\n"  # no other run's folder in sight
     for folder in ("/tmp", "/var/tmp", "/dev/shm"):
         assert not os.path.exists(f"{folder}/picochat-sandbox-marker-{tag}")
+
+
+TRY_EVERY_MOUNT = """
+import errno, json, stat
+table = posix.read(posix.open("/proc/self/mounts", 0), 1 << 20).decode()
+points = {{line.split()[1].replace(chr(92) + "040", " ") for line in table.splitlines()}}
+outcome = {{}}
+for point in sorted(points | set({host_points!r})):
+    try:
+        is_dir = stat.S_ISDIR(posix.stat(point).st_mode)
+    except FileNotFoundError:  # unmounted (/sys), and nothing of it left in the read-only folder below
+        outcome[point] = "unreachable"
+        continue
+    targets = [point + "/.picochat-probe"] if is_dir else [point]
+    if point == "/proc":  # procfs has no files to create: write one of its own instead
+        targets.append("/proc/self/comm")
+    for target in targets:
+        try:
+            posix.close(posix.open(target, posix.O_WRONLY | posix.O_CREAT))
+            outcome[target] = "written"
+        except OSError as exc:
+            outcome[target] = errno.errorcode[exc.errno]
+print(json.dumps(outcome))
+"""
+
+
+@needs_kernel_layers
+def test_kernel_makes_every_other_mount_read_only(monkeypatch):
+    """Besides the private /tmp, /var/tmp and /dev/shm, no mount the host has (or the sandbox sees) can
+    be written, even by code running as root there (the per-run user id is switched off here, so only
+    the mount flags stand in the way): each refuses with EROFS, or is not there at all (/sys)."""
+    host_points = sorted({line.split()[1].replace("\\040", " ") for line in open("/proc/self/mounts")})
+    monkeypatch.setattr(execution, "_unprivileged_ids", lambda: None)
+    code = REAL_POSIX + TRY_EVERY_MOUNT.format(host_points=host_points)
+    result = execute_code(code, timeout=FAST)
+    assert result.success, result
+    outcome = json.loads(result.stdout)
+    private = {f"{p}/.picochat-probe" for p in execution.PRIVATE_TMP_SIZES if os.path.isdir(p)}
+    assert {t for t, how in outcome.items() if how == "written"} == private, outcome
+    refused = {t: how for t, how in outcome.items() if t not in private}
+    assert len(refused) >= len(host_points) - len(private) and "/proc/self/comm" in refused, outcome
+    assert refused.pop("/proc/.picochat-probe", "ENOENT") == "ENOENT"  # procfs: nothing to create
+    assert set(refused.values()) <= {"EROFS", "unreachable"} and "EROFS" in refused.values(), refused
+    for point in host_points:  # and the host's mounts were not touched
+        assert not os.path.exists(f"{point}/.picochat-probe")
 
 
 @needs_kernel_layers

@@ -1,8 +1,10 @@
-"""Mid-training and SFT: rows and masks, real tiny runs (loss falls, checkpoints reload), exact resume."""
+"""Mid-training and SFT: rows and masks, real tiny runs (loss falls, checkpoints reload), exact resume
+(reading the weights once), cumulative tokens and FLOPs on every metrics line."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -64,9 +66,20 @@ def test_padded_rows_hold_one_conversation_each_and_never_train_on_padding(home)
     assert x.shape[1] <= 64
 
 
+def metrics(run: str) -> list[dict]:
+    return [
+        json.loads(line)
+        for line in (get_base_dir() / "runs" / run / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
 def train_losses(run: str) -> dict[int, float]:
-    lines = (get_base_dir() / "runs" / run / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in metrics(run) if r["kind"] == "train"}
+
+
+def compute_columns(run: str) -> list[tuple]:
+    """(kind, step, cumulative tokens, cumulative FLOPs) of every metrics line."""
+    return [(r["kind"], r["step"], r["tokens"], r["flops"]) for r in metrics(run)]
 
 
 def test_mid_then_sft_train_and_save_reloadable_checkpoints(home):
@@ -87,12 +100,24 @@ def test_mid_then_sft_train_and_save_reloadable_checkpoints(home):
     }
 
 
-def test_killed_mid_run_resumes_with_the_same_losses(home, monkeypatch):
+def test_killed_mid_run_resumes_with_the_same_losses(home, monkeypatch, capsys):
+    from picochat import checkpoint
     from picochat.train import chat_train
 
     flags = [*MID_FLAGS, "--num-iterations", "8", "--save-every", "4"]
     assert mid.main([*flags, "--model-tag", "d2", "--run", "whole"]) == 0
     whole = train_losses("whole")
+    columns = compute_columns("whole")
+    last_line = re.search(r"^step 8/8 \|.*$", capsys.readouterr().out, re.MULTILINE).group(0)
+    _, _, tokens, flops = [c for c in columns if c[0] == "train"][-1]
+    assert f"| tokens {tokens:,} | FLOPs {flops:.3g} |" in last_line, last_line
+    summary = json.loads((get_base_dir() / "runs" / "whole" / "summary.json").read_text())
+    per_token, steps = summary["flops_per_token"], [c for c in columns if c[0] == "train"]
+    assert [c[1] for c in steps] == list(range(1, 9)) and per_token > 0
+    assert all(0 < a[2] < b[2] for a, b in zip(steps, steps[1:], strict=False)), steps  # tokens only grow
+    assert all(flops == pytest.approx(tokens * per_token) for _, _, tokens, flops in columns)
+    assert (summary["tokens"], summary["flops"]) == (steps[-1][2], steps[-1][3])
+    assert json.loads((get_base_dir() / "report" / "mid.json").read_text())["flops"] == summary["flops"]
 
     real_forward_backward = chat_train.ChatTrainer.forward_backward
 
@@ -108,10 +133,22 @@ def test_killed_mid_run_resumes_with_the_same_losses(home, monkeypatch):
     assert list_steps(checkpoint_dir_for("mid", "d2")) == [4]
     with pytest.raises(PicochatError, match="--resume"):
         mid.main([*flags, "--run", "killed"])
+    weight_reads = []
+    real_load_file = checkpoint.load_file
+
+    def counting_load_file(path, **kwargs):
+        weight_reads.extend([path] if path.endswith(checkpoint.MODEL_FILE) else [])
+        return real_load_file(path, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_file", counting_load_file)
     assert mid.main([*flags, "--run", "killed", "--resume"]) == 0
+    assert len(weight_reads) == 1  # optimiser-only restore: the weights are read once
     resumed = train_losses("killed")
     assert sorted(resumed) == list(range(1, 9))
     assert list(resumed.values()) == pytest.approx(list(whole.values()), rel=1e-5)
+    again = compute_columns("killed")  # tokens and FLOPs continue across the resume
+    assert [c[:3] for c in again] == [c[:3] for c in columns]
+    assert [c[3] for c in again] == pytest.approx([c[3] for c in columns], rel=1e-9)
 
 
 @pytest.mark.parametrize("stage", ["mid", "sft"])

@@ -324,7 +324,7 @@ class BaseTrainer(Trainer):
 
     def _restore(self) -> Any:
         """Restore the checkpoint after checking that it is this model and batch; return the loader state."""
-        return self.restore(with_weights=True, check=self._check_resume)
+        return self.restore(check=self._check_resume)
 
     def _check_resume(self, meta: dict[str, Any]) -> None:
         saved_config, saved_total = meta.get("model_config"), meta.get("plan", {}).get("total_batch_size")
@@ -468,7 +468,6 @@ class BaseTrainer(Trainer):
         return {
             "model_config": dataclasses.asdict(self.config),
             **dataclasses.asdict(self.plan),
-            "tokens": self.state.step * self.plan.total_batch_size,
             "final_val_bpb": figures.get("val_bpb"),
             "min_val_bpb": figures.get("min_val_bpb"),
             "core_metric": figures.get("core"),

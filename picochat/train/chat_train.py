@@ -244,7 +244,7 @@ class ChatTrainer(Trainer):
             weight_decay=args.weight_decay,
         )
         self.start(horizon)
-        rows_state = self.restore(with_weights=False) if self.resumed else None
+        rows_state = self.restore(weights_from=meta) if self.resumed else None
         self.train_rows = self._rows(self.train_task, rows_state, args.device_batch_size)
         self.train_model = wrap_model(self.model, world_size, compile_model=False)
         self.samples: list[dict[str, Any]] = []

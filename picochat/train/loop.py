@@ -39,6 +39,7 @@ from picochat.checkpoint import (
     restore_optimizers,
     restore_rng_state,
     save_checkpoint,
+    verified_config,
 )
 from picochat.common import (
     PicochatError,
@@ -53,7 +54,7 @@ from picochat.common import (
 from picochat.optim import Muon
 from picochat.report import record
 from picochat.train.flops import peak_flops, raise_peak
-from picochat.train.progress import Progress, format_duration
+from picochat.train.progress import Progress, format_duration, show_figure
 
 EMA_BETA = 0.9  # smoothing of the displayed training loss
 IGNORE = -1  # target value the loss skips
@@ -68,6 +69,8 @@ class LoopState:
     planned: int = 0  # the horizon the flags asked for
     train_seconds: float = 0.0  # wall clock spent in the loop, summed over resumed segments
     smooth_loss: float = 0.0  # EMA of the training loss (debiased when shown)
+    tokens: int = 0  # tokens trained on so far, over all ranks
+    flops: float = 0.0  # training FLOPs so far (tokens x the stage's FLOPs per token), for the report
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)  # latest evaluation results
 
 
@@ -180,14 +183,6 @@ def synced_max(seconds: float, world_size: int, device: torch.device) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Step lines
-
-
-def _fmt_figure(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-# ---------------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -254,14 +249,28 @@ class Trainer:
         """A fresh run's state; call before `restore` (which replaces it) when resuming."""
         self.state = LoopState(horizon=horizon, planned=horizon)
 
-    def restore(self, with_weights: bool, check: Callable[[dict[str, Any]], None] | None = None) -> Any:
-        """Load the latest checkpoint into optimisers (and the weights when `with_weights`), RNG and
-        loop state, after `check(meta)`; return this rank's data position."""
+    def restore(
+        self,
+        weights_from: dict[str, Any] | None = None,
+        check: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any:
+        """Continue the latest checkpoint: optimisers, RNG and loop state, after `check(meta)`; return
+        this rank's data position.
+
+        `weights_from` is the meta of the checkpoint the stage already built its model from (mid, SFT
+        and RL load it with `load_model`): only its optimiser state is read then, so a resume reads the
+        weights once. Without it (base) the weights are loaded into the model here, after the same
+        weights/meta.json agreement check `load_model` makes.
+        """
         planned = self.state.planned
-        ckpt = load_checkpoint(self.ckpt_dir, device=self.device)
+        if weights_from is not None:
+            ckpt = load_checkpoint(self.ckpt_dir, weights_from["step"], self.device, load_weights=False)
+        else:
+            ckpt = load_checkpoint(self.ckpt_dir, device=self.device)
+            verified_config(ckpt)
         if check is not None:
             check(ckpt.meta)
-        if with_weights:
+        if weights_from is None:
             self.model.load_state_dict(ckpt.model_state)
         restore_optimizers(self.optimizers, ckpt)
         rank_state = ckpt.meta.get("rank_state")
@@ -324,10 +333,11 @@ class Trainer:
                 continue
             figures = ev.run()
             self.state.figures.update(figures)
-            shown = ", ".join(f"{k} {_fmt_figure(v)}" for k, v in figures.items() if not isinstance(v, list))
+            shown = ", ".join(f"{k} {show_figure(v)}" for k, v in figures.items() if not isinstance(v, list))
             if shown:
                 self.progress.write(f"step {step:6d} | {shown}")
-            self.log({"step": step, "kind": "eval", **figures, "train_seconds": self.state.train_seconds})
+            row = {"step": step, "kind": "eval", **figures, "tokens": self.state.tokens}
+            self.log({**row, "flops": self.state.flops, "train_seconds": self.state.train_seconds})
 
     def step(self) -> None:
         """One optimiser step with its log line."""
@@ -347,6 +357,8 @@ class Trainer:
         synchronize(self.device)
         dt = time.time() - t0
         state.step += 1
+        state.tokens += tokens
+        state.flops += tokens * self.flops_per_token
         state.smooth_loss = EMA_BETA * state.smooth_loss + (1 - EMA_BETA) * loss
         shown_loss = state.smooth_loss / (1 - EMA_BETA**state.step)  # debiased EMA
         tok_per_sec = tokens / dt
@@ -362,10 +374,13 @@ class Trainer:
             "lr": f"{lrm:.3f}",
             "grad norm": f"{grad_norm:.3f}",
             "tok/s": f"{tok_per_sec:,.0f}",
+            "tokens": f"{state.tokens:,}",
+            "FLOPs": f"{state.flops:.3g}",
             "MFU": f"{mfu:.2f}% of {self.peak / 1e12:.3g} TFLOP/s",  # the peak used (its source at start)
         }
         row = {"step": state.step, "kind": "train", "loss": loss, "smooth_loss": shown_loss, "lr_mult": lrm}
         row |= {"grad_norm": grad_norm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu}
+        row |= {"tokens": state.tokens, "flops": state.flops}
         self.log({**row, **self.step_extra, "train_seconds": state.train_seconds})
 
     def save(self) -> None:
@@ -404,6 +419,9 @@ class Trainer:
             "processes": self.world_size,
             "device": self.device.type,
             "steps": state.step,
+            "tokens": state.tokens,
+            "flops": state.flops,
+            "flops_per_token": self.flops_per_token,
             "train_minutes": state.train_seconds / 60,
             "mfu_percent": sum(steady) / len(steady) if steady else None,
             "peak_flops": self.peak,
@@ -416,7 +434,7 @@ class Trainer:
                 record(self.stage, summary)
                 atomic_write_json(self.run_dir / "summary.json", summary)
             shown = ", ".join(
-                f"{k} {_fmt_figure(v)}" for k, v in state.figures.items() if isinstance(v, (int, float))
+                f"{k} {show_figure(v)}" for k, v in state.figures.items() if isinstance(v, (int, float))
             )
             print0(f"done: {state.step} steps in {format_duration(state.train_seconds)}; {shown}")
             print0(f"checkpoints in {self.ckpt_dir}")

@@ -1,11 +1,14 @@
-"""Training progress for people: a tqdm bar on a terminal, and on a file or pipe (`tee`, `nohup`) plain
-step lines often enough to follow a run, with elapsed time and ETA."""
+"""Step lines of the training loop: a tqdm bar on a terminal, plain lines in a log file or pipe.
+
+picochat.train.loop calls `Progress.step` after every optimiser step with the line's fields (loss, LR,
+gradient norm, tokens/s, cumulative tokens and FLOPs, MFU) and `Progress.write` for evaluation results.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -19,7 +22,8 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """A tqdm bar on a terminal; on a file or pipe (tee, nohup) a plain line every `log_every` steps."""
+    """A tqdm bar on a terminal; on a file or pipe (tee, nohup) plain lines (`--log-every`, or ~50 a run
+    and one every 30 s at least)."""
 
     PLAIN_LINE_SECONDS = 30  # without --log-every, a plain line at least this often
 
@@ -60,3 +64,7 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def show_figure(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

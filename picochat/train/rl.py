@@ -191,7 +191,7 @@ class RLTrainer(Trainer):
         )
         default_steps = max(1, len(self.train_questions) // args.examples_per_step)
         self.start(args.num_iterations if args.num_iterations > 0 else default_steps)
-        data = self.restore(with_weights=False) if self.resumed else None
+        data = self.restore(weights_from=meta) if self.resumed else None
         self.next_question = data["next_question"] if data else 0  # position in the endless cycle
         self.train_model = wrap_model(self.model, world_size, compile_model=False)
         print0(
