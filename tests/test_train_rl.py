@@ -1,4 +1,4 @@
-"""RL on GSM8K and SpellingBee: the advantage and policy-gradient maths by hand, and short real runs of `train rl`."""
+"""RL on GSM8K and SpellingBee: the policy-gradient maths by hand, and short real runs of `train rl`."""
 
 from __future__ import annotations
 
