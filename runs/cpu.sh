@@ -30,9 +30,9 @@ export PICOCHAT_HOME="${PICOCHAT_HOME:-$HOME/.cache/picochat}"
 VOCAB_SIZE="${VOCAB_SIZE:-8192}"
 DEPTH="${DEPTH:-4}"
 BASE_BATCH="${BASE_BATCH:-2048}"   # tokens per base step: 4 rows of 512
-BASE_STEPS="${BASE_STEPS:-2400}"
+BASE_STEPS="${BASE_STEPS:-2500}"
 MID_STEPS="${MID_STEPS:-420}"
-SFT_STEPS="${SFT_STEPS:-60}"
+SFT_STEPS="${SFT_STEPS:-70}"
 RL_STEPS="${RL_STEPS:-40}"
 EVAL_PER_TASK="${EVAL_PER_TASK:-100}"
 CORE_PER_TASK="${CORE_PER_TASK:-100}"
@@ -41,10 +41,11 @@ CORE_PER_TASK="${CORE_PER_TASK:-100}"
 # (where such a step takes REF_STEP_SECONDS): a mid step trains 4,096 tokens, an SFT step 32 padded
 # conversations, an RL step samples and trains 4 x 8 SpellingBee replies; the rest are whole stages.
 # The estimate multiplies them by the step time measured here, so it follows this machine's speed.
+# How each figure was measured: docs/recipe.md, "The laptop default".
 REF_STEP_SECONDS=0.571
 MID_STEP_COST=2.0
 SFT_STEP_COST=6.0
-RL_STEP_COST=6.0
+RL_STEP_COST=8.0
 TOKENIZER_COST=35
 BASE_EVAL_COST=160
 CHAT_EVAL_COST=120
