@@ -125,7 +125,7 @@ stage "mid eval"        "$PICO" eval chat -i mid --max-per-task "$EVAL_PER_TASK"
 stage "SFT"             "$PICO" train sft "${SFT_SIZE[@]}" --overwrite
 stage "SFT eval"        "$PICO" eval chat -i sft --max-per-task "$EVAL_PER_TASK"
 stage "RL"              "$PICO" train rl --task spellingbee "${RL_SIZE[@]}" --overwrite \
-  --examples-per-step 4 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 \
+  --examples-per-step 4 --num-samples 8 --device-batch-size 8 --max-new-tokens 128 --init-lr-frac 0.2 \
   --eval-every 0 --eval-examples 32
 stage "RL eval"         "$PICO" eval chat -i rl --max-per-task "$EVAL_PER_TASK"
 stage "report"          "$PICO" report --out "$REPO/report.md"

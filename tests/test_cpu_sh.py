@@ -50,6 +50,7 @@ def test_stages_are_sized_by_steps_and_the_estimate_comes_first(tmp_path):
         assert "--num-iterations" in command(commands, "train", stage)
     rl = command(commands, "train", "rl")
     assert rl[rl.index("--task") + 1] == "spellingbee" and rl[rl.index("--num-iterations") + 1] == "7"
+    assert rl[rl.index("--init-lr-frac") + 1] == "0.2"  # the measured setting (docs/recipe.md)
     # at the reference step time, 1,000 base steps are 1000 * 0.571 s; the total adds up every row
     assert rows["base training"] == round(1000 * 0.571 / 60, 1)
     parts = [minutes for name, minutes in rows.items() if name != "total"]
