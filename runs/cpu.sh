@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default: the whole picochat pipeline on a CPU laptop, offline, on the bundled data.
-# tokenizer -> base -> mid -> SFT -> short RL -> evals -> report.md, about 45 minutes on 2 quiet cores.
+# tokenizer -> base -> mid -> SFT -> short RL -> evals -> report.md, about 45 minutes on 2 quiet cores
+# (estimated from a measured base step; see below).
 #
 # Every training stage is sized by optimiser steps, so every machine trains the same model: a slower or
 # busier one takes longer instead of training less. Before the long work starts the script times a few
@@ -37,11 +38,11 @@ RL_STEPS="${RL_STEPS:-40}"
 EVAL_PER_TASK="${EVAL_PER_TASK:-100}"
 CORE_PER_TASK="${CORE_PER_TASK:-100}"
 
-# What each stage costs in units of a 2,048-token base step, measured on a quiet 2-core CPU at depth 4
-# (where such a step takes REF_STEP_SECONDS): a mid step trains 4,096 tokens, an SFT step 32 padded
-# conversations, an RL step samples and trains 4 x 8 SpellingBee replies; the rest are whole stages.
-# The estimate multiplies them by the step time measured here, so it follows this machine's speed.
-# How each figure was measured: docs/recipe.md, "The laptop default".
+# What each stage costs in units of a 2,048-token base step (REF_STEP_SECONDS at depth 4 on a quiet
+# 2-core CPU): a mid step trains 4,096 tokens, an SFT step 32 padded conversations, an RL step samples
+# and trains 4 x 8 SpellingBee replies; the rest are whole stages. The estimate multiplies them by the
+# step time measured here, so it follows this machine's speed. Which figure was measured and which
+# estimated, and how: docs/recipe.md, "The laptop default".
 REF_STEP_SECONDS=0.571
 MID_STEP_COST=2.0
 SFT_STEP_COST=6.0
