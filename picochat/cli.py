@@ -21,7 +21,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("train", "base"), "picochat.train.base", "pretrain a GPT from scratch (--depth sets its size)"),
     (("train", "mid"), "picochat.train.mid", "mid-train on conversations, multiple choice and tool use"),
     (("train", "sft"), "picochat.train.sft", "supervised fine-tuning on single conversations"),
-    (("train", "rl"), "picochat.train.rl", "reinforcement learning on GSM8K"),
+    (("train", "rl"), "picochat.train.rl", "reinforcement learning on GSM8K or SpellingBee"),
     (("eval", "base"), "picochat.evals.core", "CORE score, bits-per-byte and samples of a base model"),
     (("eval", "chat"), "picochat.evals.chat", "chat evals: ARC, MMLU, GSM8K, HumanEval, spelling, ChatCORE"),
     (("chat",), "picochat.chat", "talk to a model in the terminal"),

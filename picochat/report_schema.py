@@ -106,7 +106,7 @@ SECTION_TYPES: dict[str, dict[str, Field]] = {
     "sft": _CHAT_TRAIN,
     "rl": _fields(
         "steps",
-        **_TRAINED, input=JSON, examples_per_step=COUNT, num_samples=COUNT, max_new_tokens=COUNT,
+        **_TRAINED, input=JSON, task=TEXT, examples_per_step=COUNT, num_samples=COUNT, max_new_tokens=COUNT,
         init_lr_frac=RATIO, final_reward=SCORE, eval_examples=COUNT, pass_at_k=TABLE,
     ),
     **{f"chat-eval-{stage}": _CHAT_EVAL for stage in ("imported", "mid", "sft", "rl")},

@@ -1,4 +1,4 @@
-"""RL on GSM8K: the advantage and policy-gradient maths by hand, and short real runs of `train rl`."""
+"""RL on GSM8K and SpellingBee: the policy-gradient maths by hand, and short real runs of `train rl`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from post_fixtures import MODEL_TAG, make_home, tiny_config
 from picochat.checkpoint import checkpoint_dir_for, list_steps, load_model
 from picochat.common import REPO_DIR, PicochatError, get_base_dir
 from picochat.gpt import GPT
+from picochat.tasks.base import assistant_text
 from picochat.train.rl import (
+    RL_TASKS,
+    RLTrainer,
     build_parser,
     group_advantages,
     main,
@@ -178,6 +181,32 @@ def test_rigged_reward_changes_the_policy(tmp_path, monkeypatch):
     assert main(args) == 0
     before, after = spaced_mass(sft_model), spaced_mass(load_model("rl", device="cpu")[0])
     assert after > before + 0.05, (before, after)
+    # the mean reward is recorded per step (the report plots it) and rises as the policy learns
+    rewards = [r["reward"] for r in _metrics() if r["kind"] == "train"]
+    assert len(rewards) == 6 and sum(rewards[-2:]) > sum(rewards[:2]), rewards
+
+
+def test_spellingbee_task_is_selectable_and_rewards_the_right_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    make_home("sft")
+    task = RL_TASKS["spellingbee"]("train", "bundled")
+    conversation = task[0]
+    reference = assistant_text(conversation["messages"][-1])
+    count = int(reference.rsplit("#### ", 1)[1])
+    assert task.reward(conversation, f"I count them.\n#### {count}") == 1.0
+    assert task.reward(conversation, f"#### {count + 1}") == 0.0
+    assert task.reward(conversation, "no final answer") == 0.0
+
+    trainer = RLTrainer(build_parser().parse_args([*TINY, "--task", "spellingbee", "--num-iterations", "2"]),
+                        0, 1, torch.device("cpu"))  # fmt: skip
+    assert trainer.train_questions[0] == conversation  # the questions are SpellingBee's, in order
+    assert trainer.eval_questions[0] == RL_TASKS["spellingbee"]("test", "bundled")[0]
+    trainer.run()
+    section = json.loads((get_base_dir() / "report" / "rl.json").read_text())
+    assert section["task"] == "spellingbee" and section["steps"] == 2
+    assert all(0.0 <= r["reward"] <= 1.0 for r in _metrics() if r["kind"] == "train")
+    with pytest.raises(SystemExit):  # an unknown task is refused by the parser
+        build_parser().parse_args(["--task", "chess"])
 
 
 def test_two_processes(tmp_path, monkeypatch):

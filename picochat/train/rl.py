@@ -1,9 +1,16 @@
-"""Reinforcement learning on GSM8K: `picochat train rl` (or `torchrun ... -m picochat.train.rl`).
+"""Reinforcement learning on a task with checkable answers: `picochat train rl` (or `torchrun ... -m
+picochat.train.rl`).
 
-A simplified GRPO, on-policy, as in nanochat's chat_rl. Each step takes `--examples-per-step` GSM8K
-training questions (split across ranks) and, for each question:
+`--task` picks the questions and their reward (`RL_TASKS`): GSM8K word problems (nanochat's choice, the
+default; a model of a few million parameters scores about 0 there, so its reward stays flat) or
+SpellingBee letter counting (the laptop default of runs/cpu.sh: its depth-4 SFT model is right on about
+64% of the questions, so a group of samples holds both right and wrong answers and RL has something to
+push).
+
+A simplified GRPO, on-policy, as in nanochat's chat_rl. Each step takes `--examples-per-step` training
+questions of the task (split across ranks) and, for each question:
   1. samples `--num-samples` replies with the engine (tools on: calculator calls are answered mid-reply);
-  2. rewards each reply 1 if its final answer ("#### 42") is right, else 0 (`GSM8K.reward`);
+  2. rewards each reply 1 if its final answer ("#### 42") is right, else 0 (`Task.reward`);
   3. gives each reply the advantage `reward - mean reward of its group` (no std normalisation), so a
      right answer among wrong ones is pushed up, a wrong one among right ones pushed down, and a
      group that is all right or all wrong teaches nothing;
@@ -12,7 +19,8 @@ training questions (split across ranks) and, for each question:
      chunks of `--device-batch-size` replies.
 Then one Muon + AdamW step, with the learning rates scaled by `--init-lr-frac` and decayed linearly
 to 0 over `--num-iterations`. Every `--eval-every` steps it measures pass@k (k = 1..num_samples: does any of
-the first k samples answer right?) on the first `--eval-examples` GSM8K test questions.
+the first k samples answer right?) on the first `--eval-examples` test questions of the task. The mean
+reward of each step's samples is a metrics line field (`reward`): the report plots it.
 
 Questions whose prompt plus `--max-new-tokens` does not fit `--max-seq-len` (default: the model's context)
 are left out, so every sampled sequence is one the model can be trained on. Sampling seeds come from the
@@ -44,11 +52,25 @@ from picochat.common import (
 )
 from picochat.engine import Engine
 from picochat.sampling import SamplingParams
-from picochat.tasks import GSM8K
+from picochat.tasks import GSM8K, SpellingBee, Task
 from picochat.train import flags
 from picochat.train.loop import Evaluation, Trainer, all_reduce_sum, sync_gradients, wrap_model
 
 INPUT_STAGES = ("imported", "base", "mid", "sft", "rl")
+SPELLING_TRAIN_QUESTIONS = 5000  # generated SpellingBee questions cycled through in training
+
+
+def gsm8k(split: str, source: str) -> Task:
+    return GSM8K(split, source=source)
+
+
+def spellingbee(split: str, source: str) -> Task:
+    """Letter counting on the bundled word list (`source` does not apply: there is one copy)."""
+    return SpellingBee(split, size=SPELLING_TRAIN_QUESTIONS if split == "train" else 1000)
+
+
+# --task name -> (split, source) -> the task; both score replies that end with "#### <number>".
+RL_TASKS = {"gsm8k": gsm8k, "spellingbee": spellingbee}
 
 # ---------------------------------------------------------------------------------------------
 # Arguments
@@ -57,15 +79,23 @@ INPUT_STAGES = ("imported", "base", "mid", "sft", "rl")
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Reinforcement learning on GSM8K: sample several answers per question (calculator on), "
-        "reward the right final answers and push the model towards them (GRPO-style policy gradient "
-        "against the group's mean reward). Defaults follow nanochat; on a CPU shrink --examples-per-step, "
-        "--num-samples, --max-new-tokens and --num-iterations.",
+        description="Reinforcement learning on GSM8K or SpellingBee (--task): sample several answers per "
+        "question (calculator on), reward the right final answers and push the model towards them "
+        "(GRPO-style policy gradient against the group's mean reward). Defaults follow nanochat; on a CPU "
+        "shrink --examples-per-step, --num-samples, --max-new-tokens and --num-iterations, and pick "
+        "--task spellingbee, which a small model can learn.",
     )
     g = flags.groups(p)
     m = g["input and output"]
     flags.add_input_args(m, "sft", INPUT_STAGES)
-    flags.add_source_arg(m, "GSM8K copy")
+    m.add_argument(
+        "--task",
+        choices=sorted(RL_TASKS),
+        default="gsm8k",
+        help="questions and reward: gsm8k word problems, or spellingbee letter counting (learnable by a "
+        "small model)",
+    )
+    flags.add_source_arg(m, "GSM8K copy (SpellingBee is always bundled)")
     g["model"].add_argument(
         "--max-seq-len",
         type=int,
@@ -88,7 +118,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     e = g["evaluation, logging and checkpoints"]
     flags.add_output_args(e, "rl", eval_every=60, save_every=60)
     e.add_argument(
-        "--eval-examples", type=int, default=400, help="GSM8K test questions for pass@k (0 = no evaluation)"
+        "--eval-examples", type=int, default=400, help="test questions for pass@k (0 = no evaluation)"
     )
     flags.add_runtime_args(g["runtime"])
     return p
@@ -178,9 +208,10 @@ class RLTrainer(Trainer):
             )
         self.engine = Engine(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.encode_special("<|assistant_end|>")
-        self.task = GSM8K("train", source=args.source)  # scores replies to any GSM8K question
-        self.train_questions = self._fitting(self.task)
-        self.eval_questions = self._fitting(GSM8K("test", source=args.source))[: args.eval_examples]
+        make_task = RL_TASKS[args.task]
+        self.task = make_task("train", args.source)  # scores replies to any question of the task
+        self.train_questions = self._fitting(self.task, args.task)
+        self.eval_questions = self._fitting(make_task("test", args.source), args.task)[: args.eval_examples]
         self.flops_per_token = float(self.model.estimate_flops())
         self.schedule = (0.0, 1.0, 0.0)  # linear decay from 1 to 0 over the run
         self.optimizers = self.model.setup_optimizers(
@@ -195,18 +226,18 @@ class RLTrainer(Trainer):
         self.next_question = data["next_question"] if data else 0  # position in the endless cycle
         self.train_model = wrap_model(self.model, world_size, compile_model=False)
         print0(
-            f"RL from {self.input['stage']}/{model_tag} step {self.input['step']}: "
+            f"RL on {args.task} from {self.input['stage']}/{model_tag} step {self.input['step']}: "
             f"{len(self.train_questions):,} training questions, {len(self.eval_questions)} for pass@k, "
             f"{self.state.horizon} steps of {args.examples_per_step} questions x {args.num_samples} samples"
         )
 
-    def _fitting(self, task: GSM8K) -> list[dict[str, Any]]:
+    def _fitting(self, task: Task, name: str) -> list[dict[str, Any]]:
         """The task's questions whose prompt leaves room for --max-new-tokens within --max-seq-len."""
         room = self.seq_len - self.args.max_new_tokens
         questions = [conv for conv in task if len(self.tokenizer.render_for_completion(conv)) <= room]
         if not questions:
             raise PicochatError(
-                f"no GSM8K {task.split} question fits in {self.seq_len} tokens with --max-new-tokens "
+                f"no {name} {task.split} question fits in {self.seq_len} tokens with --max-new-tokens "
                 f"{self.args.max_new_tokens}; lower --max-new-tokens (or raise --max-seq-len)"
             )
         return questions
@@ -315,6 +346,7 @@ class RLTrainer(Trainer):
         args, figures = self.args, self.state.figures
         return {
             "input": self.input,
+            "task": args.task,
             "examples_per_step": args.examples_per_step,
             "num_samples": args.num_samples,
             "max_new_tokens": args.max_new_tokens,
