@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from picochat.engine import Engine, prepare_for_inference
+from picochat.engine import Engine
 from picochat.gpt import GPT, GPTConfig
 from picochat.sampling import SamplingParams
 
@@ -63,7 +63,7 @@ def build_engine(depth: int, width: int, vocab: int, context: int, device: str =
     with torch.no_grad():  # init_weights zeroes the output projections: give every weight a value
         for p in model.parameters():
             p.normal_(0.0, p.shape[-1] ** -0.5)
-    return Engine(prepare_for_inference(model.to(device).eval()), BenchTokenizer(vocab))
+    return Engine(model.to(device).eval(), BenchTokenizer(vocab))
 
 
 def timed_generation(engine: Engine, prompt: list[int], batch: int, new_tokens: int) -> tuple[float, float]:

@@ -37,7 +37,7 @@ def build_app(depth: int, vocab: int, max_batch_size: int, max_queue: int, conte
     import torch
 
     from picochat.common import DATA_DIR
-    from picochat.engine import Engine, prepare_for_inference
+    from picochat.engine import Engine
     from picochat.gpt import GPT, GPTConfig
     from picochat.serve.app import create_app
     from picochat.serve.batching import ContinuousBatchingBackend
@@ -61,7 +61,7 @@ def build_app(depth: int, vocab: int, max_batch_size: int, max_queue: int, conte
         for p in model.parameters():  # init_weights zeroes the output projections: give all a value
             p.normal_(0.0, p.shape[-1] ** -0.5)
         model.lm_head.weight[list(tokenizer.get_special_tokens().values())] = 0.0  # never in the top 50
-    engine = Engine(prepare_for_inference(model.eval()), tokenizer)
+    engine = Engine(model.eval(), tokenizer)
     backend = ContinuousBatchingBackend(
         engine, f"bench-d{depth}", max_batch_size=max_batch_size, max_queue=max_queue
     )
