@@ -29,7 +29,10 @@ ONEDNN_BATCH_HINT = 8  # the batch size oneDNN lays the weight out for (measured
 
 
 def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(ops, name) for name in ("_linear_pointwise", "_reorder_linear_weight")
+    )
 
 
 class DecodeHead:
