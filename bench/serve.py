@@ -218,7 +218,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_up(port: int, process: mp.Process, timeout: float = 120.0) -> None:
+def wait_until_up(port: int, process: mp.Process, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not process.is_alive():
