@@ -3,12 +3,13 @@
 On a small model the lm_head is most of a decode step (vocab 32,768 x width 256 is 33 MB of fp32
 weight, read once per step, against 12 MB for all four blocks of the depth-4 model), and on CPU how the
 weight is laid out decides how fast the BLAS reads it. Measured on this project's 2-core AMD EPYC
-(MKL, 1 thread, fp32, median of 20-50 calls; the machine was shared, so only ratios side by side count):
+(MKL, 1 thread, fp32, median of 20-50 calls; the machine was shared, so only ratios side by side count;
+table in docs/performance.md):
   - batch 1: `x @ Wt` with a contiguous (width, vocab) copy Wt is 2-3x faster than `F.linear(x, W)`
     (2.6 vs 6.9 ms with the machine quiet), close to the ~3 ms it takes just to read 33 MB;
-  - batch 2 and up: that same layout is the slowest (at batch 8 2.5x slower than F.linear); oneDNN's
-    matmul on a weight it has re-laid-out itself (`torch.ops.mkldnn._linear_pointwise`) is 2-3x faster
-    than F.linear at batch 8 and 32 (where MKL takes a slow path on this AMD CPU).
+  - batch 2 and up: that same layout is the slowest (at batch 8 1.2-1.4x slower than F.linear); oneDNN's
+    matmul on a weight it has re-laid-out itself (`torch.ops.mkldnn._linear_pointwise`) is 1.7-2.5x
+    faster than F.linear at batch 8 and 32 (where MKL takes a slow path on this AMD CPU).
 So `DecodeHead` keeps, next to the model's own weight (left untouched, so training is unaffected), a
 copy in each layout it has used: about 33 MB each. The copies follow the weight: they are rebuilt when
 the weight tensor is replaced or changed in place (its version counter moves, as after an optimiser
