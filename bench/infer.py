@@ -4,7 +4,9 @@ A randomly initialised depth-4 GPT (width 256, 4 heads, vocab 32768) answers a 1
 256 new tokens (temperature 1, top-k 50). Measured: prefill tokens/s, time to first token, and decode
 tokens/s at batch 1, 8 and 32 (num_samples rows sharing one prefill). Each figure is the median of
 --repeats runs (and the best run, the better estimate on a busy machine). `--profile` adds a
-torch.profiler table of the decode steps at batch 8: where the time goes.
+torch.profiler table of the decode steps at batch 8: where the time goes. `--floor` adds, per batch,
+the memory floor of a step: the bytes it must read (weights and cached keys/values) over the read
+speed measured just then, which bounds the decode speed of any implementation at that precision.
 
 This prints picochat's own figures only; comparisons with nanochat come from bench/peer.py, which runs
 both side by side on the same machine in one run.
@@ -19,7 +21,7 @@ import time
 
 import torch
 
-from picochat.engine import Engine, prepare_for_inference
+from picochat.engine import Engine
 from picochat.gpt import GPT, GPTConfig
 from picochat.sampling import SamplingParams
 
@@ -63,7 +65,7 @@ def build_engine(depth: int, width: int, vocab: int, context: int, device: str =
     with torch.no_grad():  # init_weights zeroes the output projections: give every weight a value
         for p in model.parameters():
             p.normal_(0.0, p.shape[-1] ** -0.5)
-    return Engine(prepare_for_inference(model.to(device).eval()), BenchTokenizer(vocab))
+    return Engine(model.to(device).eval(), BenchTokenizer(vocab))
 
 
 def timed_generation(engine: Engine, prompt: list[int], batch: int, new_tokens: int) -> tuple[float, float]:
@@ -89,6 +91,27 @@ def time_prefill(engine: Engine, prompt: list[int]) -> float:
         start = time.perf_counter()
         engine.prefill(prompt)
         return time.perf_counter() - start
+
+
+def read_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes/s this process reads memory at: the median time to sum a tensor far larger than the cache."""
+    data = torch.ones(megabytes * 2**20 // 4)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(times)
+
+
+def step_bytes(engine: Engine, batch: int, span: float) -> float:
+    """Bytes a decode step must read at least: every weight but the embedding (only `batch` of its rows
+    are read) plus each row's cached keys and values over `span` positions, in the cache's dtype."""
+    model, c = engine.model, engine.model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights -= model.transformer.wte.weight.numel() * model.transformer.wte.weight.element_size()
+    kv = 2 * c.n_layer * batch * span * c.n_kv_head * c.head_dim * model.lm_head.weight.element_size()
+    return weights + kv
 
 
 def profile_decode(engine: Engine, prompt: list[int], batch: int) -> None:
@@ -117,6 +140,11 @@ def main() -> None:
         "--device", default="cpu", help="cpu or cuda (runs/gpu_check.sh measures the GPU decode with this)"
     )
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of decoding")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also print each batch's memory floor: the bytes a step must read over the measured read speed",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,6 +175,13 @@ def main() -> None:
             f"batch {batch}: decode {median:,.0f} tokens/s median, {best:,.0f} best "
             f"({1e3 * batch / median:.2f} ms/step); time to first token {ttft * 1e3:.1f} ms"
         )
+        if args.floor:  # the mean cached span of a reply: the prompt plus half the new tokens
+            needed = step_bytes(engine, batch, args.prompt_tokens + args.new_tokens / 2)
+            bandwidth = read_bandwidth()
+            print(
+                f"  memory floor: {needed / 1e6:.1f} MB per step at {bandwidth / 1e9:.1f} GB/s read = "
+                f"{1e3 * needed / bandwidth:.2f} ms/step, at most {batch * bandwidth / needed:,.0f} tokens/s"
+            )
     if args.profile:
         profile_decode(engine, prompt, 8)
 

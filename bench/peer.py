@@ -99,10 +99,10 @@ def infer_worker(side: str, batch: int, prompt_len: int, new_tokens: int) -> dic
     tokenizer = FakeTokenizer(vocab)
     prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     if side == "picochat":
-        from picochat.engine import Engine, prepare_for_inference
+        from picochat.engine import Engine
         from picochat.sampling import SamplingParams
 
-        engine = Engine(prepare_for_inference(model), tokenizer)
+        engine = Engine(model, tokenizer)
 
         def run(n: int, max_tokens: int):
             params = SamplingParams(temperature=1.0, top_k=50, max_tokens=max_tokens, seed=0)

@@ -370,10 +370,12 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         loss_reduction: str = "mean",
         last_only: bool = False,
+        head: Any = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32, or with `targets` (B, T) the cross-entropy loss.
 
-        `last_only` (inference): logits (B, 1, vocab) of the last position only.
+        `last_only` (inference): logits (B, 1, vocab) of the last position only. `head` (inference):
+        a callable computing lm_head(x) in its place (picochat.decode_head keeps faster weight layouts).
 
         Targets equal to -1 are ignored (masked chat training). loss_reduction: "mean" (over counted
         tokens), "sum", or "none" (per-token losses (B, T), 0 at ignored tokens). With a `kv_cache`
@@ -400,11 +402,11 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         if last_only and targets is None:
             x = x[:, -1:]
-        return self._logits(x) if targets is None else self._loss(x, targets, loss_reduction)
+        return self._logits(x, head) if targets is None else self._loss(x, targets, loss_reduction)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, head: Any = None) -> torch.Tensor:
         softcap = self.config.softcap
-        return softcap * torch.tanh(self.lm_head(x).float() / softcap)
+        return softcap * torch.tanh((head or self.lm_head)(x).float() / softcap)
 
     @torch.compiler.disable  # a chunk loop with out= buffers: left eager when the model is compiled
     def _loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -9,9 +9,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from engine_fakes import ScriptedGPT, naive_greedy, tiny_model, tiny_tokenizer
 
 from picochat.checkpoint import checkpoint_dir_for, save_checkpoint
+from picochat.decode_head import DecodeHead
 from picochat.engine import (
     Engine,
     ReplyText,
@@ -272,3 +274,35 @@ def test_chat_shows_tool_calls_and_dropped_turns(tok, capsys):
         chat.reply("What is 2+3? " * 3)
     assert "dropped or shortened" in capsys.readouterr().err
     assert len(tok.render_for_completion({"messages": chat.messages[:-1]})) <= prompt_budget(64, 20)
+
+
+@pytest.mark.parametrize("rows", [1, 3])  # batch 1 takes the transposed copy, larger batches oneDNN's
+def test_decode_head_matches_the_lm_head_and_follows_weight_changes(tok, rows):
+    model = tiny_model(tok, seed=3)
+    head = DecodeHead(model)
+    x = torch.randn(rows, 1, model.config.n_embd)
+    assert head.layout(rows) in ("transposed", "onednn", "rowmajor")
+    with torch.inference_mode():
+        torch.testing.assert_close(head(x), model.lm_head(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # an optimiser step changes the weight in place: the copies must follow
+        model.lm_head.weight.mul_(-2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(head(x), model.lm_head(x), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_head_never_yields_logits_past_the_vocabulary(tok):
+    model = tiny_model(tok)
+    vocab = model.config.vocab_size
+    padded = torch.nn.Linear(model.config.n_embd, vocab + 64, bias=False)  # a vocabulary padded to 64
+    with torch.no_grad():
+        padded.weight[:vocab] = model.lm_head.weight
+    model.lm_head = padded
+    with torch.inference_mode():
+        for rows in (1, 4):
+            assert DecodeHead(model)(torch.randn(rows, model.config.n_embd)).shape == (rows, vocab)
+
+
+def test_greedy_batch_1_equals_full_forward(tok, model):
+    tokens = prompt(tok, "Hello there!")
+    sequences, _ = Engine(model, tok).generate_batch(tokens, 1, params=P(max_tokens=30, temperature=0))
+    assert sequences[0] == tokens + naive_greedy(model, tokens, 30)
