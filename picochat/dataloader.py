@@ -6,6 +6,14 @@ The stream is cut into rows of T + 1 tokens that overlap by one (row i is stream
 inputs are a row's first T tokens and targets its last T, so every token of the unit is a target once
 (the last partial row of a unit, fewer than T tokens, is dropped).
 
+With `packing="bestfit"` (training only; validation always uses the stream cut, so every variant is
+measured on the same tokens) rows instead start where a document starts: each unit's documents are
+packed best-fit decreasing into rows of T + 1 tokens (the longest piece that still fits goes next), and
+when no piece fits the rest of a row, the shortest piece is cut to fill it and its remainder goes back
+into the pool for later rows; a document longer than a row gives whole rows first. Cuts overlap by one
+token, so here too every token is a target once, no token is padding and only the unit's last partial
+row is dropped. Fewer rows begin mid-document, so fewer targets are predicted without their context.
+
 The rows of a unit are served in a shuffled order fixed by (epoch, unit). Without it a batch would be
 B consecutive slices of one document, and the bundled corpus is mostly long books: batches that are all
 one book make small-batch training noisy.
@@ -16,6 +24,8 @@ starts, and a loader built with that state continues with the same batches as th
 
 from __future__ import annotations
 
+import bisect
+import collections
 import os
 import queue
 import threading
@@ -28,14 +38,66 @@ from picochat.dataset import check_shards, iter_document_batches
 
 PREFETCH_UNITS = 2  # row groups tokenized ahead of the training loop
 SHUFFLE_SEED = 1234
+PACKINGS = ("stream", "bestfit")
 
 
-def unit_rows(ids: list[list[int]], seq_len: int, epoch: int, unit: int) -> torch.Tensor:
+def bestfit_rows(ids: list[list[int]], row_len: int) -> list[list[int]]:
+    """Rows of exactly `row_len` tokens, packed best-fit decreasing from the unit's documents.
+
+    A cut document's rest overlaps the cut by one token (the cut row's last token, already a target)
+    and starts a later row, where that token is input only: every token but a document's first is a
+    target exactly once. Once the whole documents are used up, rests also fill rows after other
+    pieces (then without their first token).
+    """
+    rows: list[list[int]] = []
+    pool: list[tuple[int, int, list[int]]] = []  # (length, order, document), sorted for bisect
+    rests: collections.deque[list[int]] = collections.deque()  # cut documents' remainders
+    for doc in ids:
+        cut = False
+        while len(doc) > row_len:  # a long document fills whole rows first
+            rows.append(doc[:row_len])
+            doc, cut = doc[row_len - 1 :], True
+        if cut:
+            rests.append(doc)
+        elif len(doc) > 1:  # a lone token has nothing to predict
+            pool.append((len(doc), len(pool), doc))
+    pool.sort()
+    row: list[int] = []
+    while pool or rests:
+        space = row_len - len(row)
+        if not row and rests:  # a cut document continues at the start of a row
+            row = rests.popleft()
+        elif pool:
+            fit = bisect.bisect_right(pool, (space, len(ids))) - 1  # the longest document that fits
+            if fit >= 0:
+                row += pool.pop(fit)[2]
+            else:  # nothing fits: the shortest document fills the row, its rest waits for a later one
+                piece = pool.pop(0)[2]
+                row += piece[:space]
+                rests.append(piece[space - 1 :])
+        else:  # only rests are left: they fill rows after other pieces too
+            piece = rests.popleft()[1:]
+            row += piece[:space]
+            if len(piece) > space:
+                rests.append(piece[space - 1 :])
+        if len(row) == row_len:
+            rows.append(row)
+            row = []
+    return rows  # the unit's last, partial row is dropped
+
+
+def unit_rows(
+    ids: list[list[int]], seq_len: int, epoch: int, unit: int, packing: str = "stream"
+) -> torch.Tensor:
     """The (rows, seq_len + 1) token rows of one unit's documents, in the shuffled order of (epoch, unit)."""
-    stream = torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
-    if len(stream) <= seq_len:
-        return stream.new_empty((0, seq_len + 1))
-    rows = stream.unfold(0, seq_len + 1, seq_len)
+    if packing == "bestfit":
+        packed = bestfit_rows(ids, seq_len + 1)
+        rows = torch.tensor(packed, dtype=torch.long).reshape(len(packed), seq_len + 1)
+    else:
+        stream = torch.tensor([t for doc in ids for t in doc], dtype=torch.long)
+        if len(stream) <= seq_len:
+            return stream.new_empty((0, seq_len + 1))
+        rows = stream.unfold(0, seq_len + 1, seq_len)
     generator = torch.Generator().manual_seed(SHUFFLE_SEED + 1_000_003 * epoch + unit)
     return rows[torch.randperm(len(rows), generator=generator)]
 
@@ -54,8 +116,11 @@ class TokenBatchLoader:
         rank: int = 0,
         world_size: int = 1,
         resume_state: dict[str, Any] | None = None,
+        packing: str = "stream",
     ) -> None:
-        self.tokenizer, self.batch_size, self.seq_len = tokenizer, batch_size, seq_len
+        if packing not in PACKINGS:
+            raise PicochatError(f"unknown packing {packing!r}; use one of {', '.join(PACKINGS)}")
+        self.tokenizer, self.batch_size, self.seq_len, self.packing = tokenizer, batch_size, seq_len, packing
         self.split, self.source, self.rank, self.world_size = split, source, rank, world_size
         self.device = torch.device(device)
         state = resume_state or {"epoch": 0, "unit": 0, "row": 0, "world_size": world_size}
@@ -85,7 +150,7 @@ class TokenBatchLoader:
             empty_units = 0
             for texts, cursor in batches:
                 ids = self.tokenizer.encode(texts, prepend=bos, num_threads=threads) if texts else []
-                rows = unit_rows(ids, self.seq_len, *cursor)
+                rows = unit_rows(ids, self.seq_len, *cursor, packing=self.packing)
                 empty_units = 0 if len(rows) else empty_units + 1
                 if empty_units > 1000:  # no unit holds a full row: the loop would never yield a batch
                     raise PicochatError(
