@@ -50,10 +50,14 @@ def model_config(raw: Any) -> Any:
     if unknown:
         raise ValueError(f"has unknown model_config keys {', '.join(unknown)} (known: {', '.join(fields)})")
     for key, value in raw.items():
+        if fields[key] in (bool, str):  # architecture switches; GPTConfig checks their values
+            if not isinstance(value, fields[key]):
+                raise ValueError(f"has model_config {key}={value!r}, expected {fields[key].__name__}")
+            continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or (fields[key] is int and not isinstance(value, int)) or not math.isfinite(value):
             raise ValueError(f"has model_config {key}={value!r}, expected {fields[key].__name__}")
-        if value <= 0:
+        if value < 0 or (value == 0 and GPTConfig.__dataclass_fields__[key].default != 0):
             raise ValueError(f"has model_config {key}={value!r}, expected a positive number")
     try:
         return GPTConfig(**raw)

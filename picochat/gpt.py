@@ -1,7 +1,7 @@
 """The GPT: a modern decoder-only transformer, its KV cache for inference, and its optimiser set-up.
 
 The architecture is the one Hugging Face transformers calls `NanoChatForCausalLM` (see
-`hf_config` / `hf_state_dict_mapping` at the bottom for the one-to-one weight mapping):
+picochat.gpt_hf for the one-to-one weight mapping):
   - token embedding -> RMSNorm -> n_layer pre-norm blocks -> RMSNorm -> lm_head (untied from the embedding);
   - RMSNorm has no learned parameters (`F.rms_norm`), and no Linear has a bias;
   - attention: rotary position embeddings, then RMSNorm of queries and keys (QK-norm), grouped-query
@@ -9,13 +9,25 @@ The architecture is the one Hugging Face transformers calls `NanoChatForCausalLM
     `F.scaled_dot_product_attention` (flash kernels on GPU and CPU);
   - MLP: Linear(d, 4d) -> ReLU^2 -> Linear(4d, d);
   - logits are soft-capped: softcap * tanh(logits / softcap) with softcap 15.
+Attention lives in picochat.attention, the fused training loss in picochat.fused_loss.
+
+Architecture extras, each a GPTConfig field that is off by default (off = the plain architecture
+above, the one transformers can load; `architecture_extras` names the ones a config uses):
+  - value_embeds: every other layer (the last included) has its own token -> value embedding table,
+    added to the attention values V through a learned per-token, per-head gate;
+  - resid_scalars: before block i, x = resid_lambda[i] * x + x0_lambda[i] * x0 (x0 = the normed token
+    embedding), both learnable scalars;
+  - qk_scale: attention logits times this factor after QK-norm (SDPA's scale, so flash kernels stay);
+  - vocab_multiple: embedding and lm_head rows padded to a multiple of this; the padding rows are no
+    tokens: their logits are cut off before anything samples them and masked out of the loss;
+  - window_pattern / short_window: sliding-window attention per layer (see picochat.attention);
+  - rope_theta (plain and exportable, but a candidate too): the rotary base.
 
 Dtypes: on GPU the trainer runs the forward under bf16 autocast; on CPU everything is fp32. The rotary
 tables are kept in fp32 and cast to the activations' dtype; logits are always returned in fp32.
 
 Training loss: the lm_head, soft-cap and cross-entropy are fused into one chunked computation
-(`softcap_cross_entropy`) that never holds the (tokens x vocab) logits of the whole batch: with a 32k
-vocabulary those logits would be most of a small model's memory traffic and peak memory.
+(`picochat.fused_loss`) that never holds the (tokens x vocab) logits of the whole batch.
 """
 
 from __future__ import annotations
@@ -28,10 +40,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Logit elements per chunk of the fused loss. On CPU a (chunk x vocab) fp32 block of 32 MB stays in
-# cache (256 tokens at vocab 32768); accelerators want bigger blocks to amortise kernel launches.
-LOSS_CHUNK_ELEMENTS = {"cpu": 2**23}
-LOSS_CHUNK_ELEMENTS_DEFAULT = 2**27
+from picochat.attention import (
+    ROTARY_HEADROOM,
+    CausalSelfAttention,
+    Masks,
+    cache_masks,
+    has_value_embed,
+    layer_window,
+    norm,
+    rotary_tables,
+    training_masks,
+)
+from picochat.fused_loss import LOSS_CHUNK_ELEMENTS, SoftcapCrossEntropySum, softcap_cross_entropy
+from picochat.gpt_hf import hf_config, hf_state_dict_mapping
+
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "KVCache",
+    "LOSS_CHUNK_ELEMENTS",
+    "EXTRA_FIELDS",
+    "architecture_extras",
+    "hf_config",
+    "hf_state_dict_mapping",
+]
 
 
 @dataclass
@@ -47,6 +79,13 @@ class GPTConfig:
     rope_theta: float = 10000.0
     softcap: float = 15.0
     norm_eps: float = 1e-6
+    # Architecture extras (module docstring); the defaults are the plain architecture.
+    value_embeds: bool = False
+    resid_scalars: bool = False
+    qk_scale: float = 1.0
+    vocab_multiple: int = 1
+    window_pattern: str = ""  # S = short window, L = full context, tiled over layers; "" = all L
+    short_window: int = 0  # tokens a short-window layer sees, itself included; 0 = sequence_len // 4
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -57,39 +96,48 @@ class GPTConfig:
             raise ValueError(f"softcap {self.softcap} must be in (0, 80]")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError(f"head_dim {self.n_embd // self.n_head} must be even for rotary embeddings")
+        if not isinstance(self.window_pattern, str) or set(self.window_pattern) - set("SL"):
+            raise ValueError(f"window_pattern {self.window_pattern!r} may hold only S (short) and L (long)")
+        if self.short_window < 0 or self.vocab_multiple < 1 or not self.qk_scale > 0:
+            raise ValueError("short_window must be >= 0, vocab_multiple >= 1 and qk_scale > 0")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-
-# Inference may run past the training context (long chats); rotary angles are tabulated this far.
-ROTARY_HEADROOM = 10
-
-
-def norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without a learned scale."""
-    return F.rms_norm(x, (x.size(-1),), eps=eps)
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and lm_head: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
-def rotary_tables(
-    seq_len: int, head_dim: int, theta: float, device: Any = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos and sin of shape (seq_len, head_dim // 2): the angle of each position and frequency."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return angles.cos(), angles.sin()
+# The fields `architecture_extras` judges (short_window only matters with a window_pattern).
+EXTRA_FIELDS = (
+    "value_embeds",
+    "resid_scalars",
+    "qk_scale",
+    "vocab_multiple",
+    "window_pattern",
+    "short_window",
+)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) of x (B, T, H, D) by the angles in cos/sin (.., T, 1, D/2).
+def architecture_extras(config: GPTConfig) -> dict[str, Any]:
+    """The extras `config` uses beyond the plain architecture, field -> value (empty = plain).
 
-    The half-split pairing and the sign match NanoChat (and its transformers port): y1 = x1 cos + x2 sin,
-    y2 = x2 cos - x1 sin.
+    Settings that change nothing leave the model plain: a vocab_multiple that pads nothing (vocab_size
+    already a multiple), a window_pattern with no short window before the last layer.
     """
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    extras = {
+        name: getattr(config, name)
+        for name in ("value_embeds", "resid_scalars", "qk_scale")
+        if getattr(config, name) != GPTConfig.__dataclass_fields__[name].default
+    }
+    if config.padded_vocab_size != config.vocab_size:
+        extras["vocab_multiple"] = config.vocab_multiple
+    if any(layer_window(config, i) for i in range(config.n_layer)):
+        extras["window_pattern"] = config.window_pattern
+    return extras
 
 
 class KVCache:
@@ -182,36 +230,8 @@ class KVCache:
         self.pos[rows] = src.pos
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.eps = config.norm_eps
-        d, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
-        self.c_q = nn.Linear(d, d, bias=False)
-        self.c_k = nn.Linear(d, kv_dim, bias=False)
-        self.c_v = nn.Linear(d, kv_dim, bias=False)
-        self.c_proj = nn.Linear(d, d, bias=False)
-
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], cache: Any) -> torch.Tensor:
-        B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        # As in NanoChat: rotate first, then normalise (the norm is rotation-invariant per pair anyway).
-        q = norm(apply_rotary(q, *rotary), self.eps)
-        k = norm(apply_rotary(k, *rotary), self.eps)
-        gqa = self.n_kv_head != self.n_head
-        if cache is None:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            kv_cache, positions, mask = cache
-            k, v = kv_cache.store(self.layer_idx, k, v, positions, mask.size(-1))
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+# The x0 scalars' start: a little of the token embedding re-enters the residual stream at every block.
+X0_LAMBDA_INIT = 0.1
 
 
 class MLP(nn.Module):
@@ -231,95 +251,42 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], cache: Any) -> torch.Tensor:
-        x = x + self.attn(norm(x, self.eps), rotary, cache)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        cache: Any,
+        masks: Masks,
+        ve: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(norm(x, self.eps), rotary, cache, masks, ve)
         return x + self.mlp(norm(x, self.eps))
-
-
-def softcap_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float, with_grads: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Per-token cross-entropy of logits = softcap * tanh(h @ weight^T / softcap), chunk by chunk.
-
-    h (N, d), targets (N,) with -1 = ignored (loss 0). With `with_grads`, also returns the gradients of
-    the summed loss with respect to h and weight, computed here and now: the loss ends the graph, so
-    its gradient is known up to the incoming scalar factor. Per counted token:
-        dL/dz = (softmax(logits) - onehot(target)) * (1 - tanh^2),   z = h @ weight^T
-    Working on a chunk of rows at a time (LOSS_CHUNK_ELEMENTS) in two reused buffers keeps the
-    logits in cache, avoids the page faults of fresh large allocations, and never stores (N x vocab)
-    tensors. Matmuls run in the autocast dtype when autocast is on (bf16 on GPU); the rest is fp32.
-    """
-    device, (n_tok, vocab) = h.device, (h.size(0), weight.size(0))
-    autocast_on = torch.is_autocast_enabled(device.type)
-    mm_dtype = torch.get_autocast_dtype(device.type) if autocast_on else weight.dtype
-    budget = LOSS_CHUNK_ELEMENTS.get(device.type, LOSS_CHUNK_ELEMENTS_DEFAULT)
-    chunk = max(1, min(budget // vocab, n_tok))
-    t_buf = torch.empty(chunk, vocab, dtype=torch.float32, device=device)  # tanh(z / softcap)
-    z_buf = t_buf if mm_dtype == torch.float32 else torch.empty(chunk, vocab, dtype=mm_dtype, device=device)
-    e_buf = torch.empty(chunk, vocab, dtype=torch.float32, device=device)  # exp(logits), then dL/dz
-    minus_one = torch.full((chunk, 1), -1.0, device=device)
-    w = weight.to(mm_dtype)
-    valid = targets >= 0
-    safe_targets = targets.clamp(min=0)[:, None]
-    any_ignored = not bool(valid.all())
-    losses = torch.empty(n_tok, dtype=torch.float32, device=device)
-    grad_h = torch.empty(h.shape, dtype=mm_dtype, device=device) if with_grads else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if with_grads else None
-    with torch.autocast(device.type, enabled=False):
-        for start in range(0, n_tok, chunk):
-            rows = slice(start, min(start + chunk, n_tok))
-            hc, tc = h[rows].to(mm_dtype), safe_targets[rows]
-            m = hc.size(0)
-            z, t, e = z_buf[:m], t_buf[:m], e_buf[:m]
-            torch.addmm(z, hc, w.t(), beta=0, alpha=1.0 / softcap, out=z)
-            torch.tanh(z, out=t)
-            # |logits| <= softcap, so exp() needs no max-subtraction (GPTConfig bounds softcap).
-            torch.mul(t, softcap, out=e).exp_()
-            sum_e = e.sum(dim=1, keepdim=True)
-            losses[rows] = (sum_e.log() - softcap * t.gather(1, tc)).squeeze(1)
-            if not with_grads:
-                continue
-            g = e.div_(sum_e).scatter_add_(1, tc, minus_one[:m])  # softmax - onehot
-            g.addcmul_(g, t.square_(), value=-1.0)  # times the soft-cap's derivative 1 - t^2
-            if any_ignored:
-                g.masked_fill_(~valid[rows, None], 0.0)
-            g_mm = g.to(mm_dtype)
-            torch.mm(g_mm, w, out=grad_h[rows])
-            if grad_w.dtype == mm_dtype:
-                grad_w.addmm_(g_mm.t(), hc)
-            else:
-                grad_w += (g_mm.t() @ hc).float()
-    losses.masked_fill_(~valid, 0.0)
-    return losses, grad_h.to(h.dtype) if with_grads else None, grad_w
-
-
-class _SoftcapCrossEntropySum(torch.autograd.Function):
-    """The summed loss of `softcap_cross_entropy`, with its gradients precomputed in the forward."""
-
-    @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float):
-        losses, grad_h, grad_w = softcap_cross_entropy(h, weight, targets, softcap, with_grads=True)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return losses.sum()
-
-    @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_total.to(grad_h.dtype), (grad_w * grad_total).to(ctx.weight_dtype), None, None
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        vocab, kv_dim = config.padded_vocab_size, config.n_kv_head * config.head_dim
         self.transformer = nn.ModuleDict(
             {
-                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "wte": nn.Embedding(vocab, config.n_embd),
                 "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             }
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
+        self.windows = {block.attn.window for block in self.transformer.h}
+        if config.value_embeds:  # keyed by layer index
+            self.value_embeds = nn.ModuleDict(
+                {
+                    str(i): nn.Embedding(vocab, kv_dim)
+                    for i in range(config.n_layer)
+                    if has_value_embed(config, i)
+                }
+            )
+        if config.resid_scalars:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         # Rotary tables are derived, not learned: non-persistent buffers, recomputed by init_weights
         # (a model built on the meta device and moved with to_empty() has garbage buffers until then).
         cos, sin = rotary_tables(config.sequence_len * ROTARY_HEADROOM, config.head_dim, config.rope_theta)
@@ -333,7 +300,8 @@ class GPT(nn.Module):
         Embedding N(0, 1) (it is RMS-normed right away); input projections uniform with std
         1/sqrt(n_embd); output projections of attention and MLP zero, so each block starts as the
         identity and the residual stream is not disturbed; lm_head small (std 0.001) so the first
-        predictions are near uniform.
+        predictions are near uniform. Extras: value embeddings like c_v's input, their gates zero (gate
+        1), residual scalars 1 and x0 scalars X0_LAMBDA_INIT.
         """
         c = self.config
         bound = math.sqrt(3.0 / c.n_embd)  # uniform(-b, b) has std b / sqrt(3)
@@ -344,24 +312,36 @@ class GPT(nn.Module):
                 nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)  # gate 1: V + value embedding
+        for table in getattr(self, "value_embeds", {}).values():
+            nn.init.uniform_(table.weight, -bound, bound)  # the scale c_v gives V at init
+        if c.resid_scalars:
+            nn.init.ones_(self.resid_lambdas)
+            nn.init.constant_(self.x0_lambdas, X0_LAMBDA_INIT)
         device = self.lm_head.weight.device
         self.cos, self.sin = rotary_tables(self.cos.size(0), c.head_dim, c.rope_theta, device)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
+        """All parameters, or without the embedding tables (token and value embeddings)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wte.weight.numel() if exclude_embedding else n
+        if not exclude_embedding:
+            return n
+        return n - sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
 
     def estimate_flops(self) -> float:
         """Training FLOPs per token (forward + backward): 6 per weight used in a matmul, plus attention.
 
-        The embedding is a lookup, not a matmul, so it is left out. Attention scores and the weighted
-        sum cost 2 * 2 * n_head * head_dim * T per token forward (counted over the full T x T square, as
-        nanochat does), times 3 for forward + backward.
+        Embeddings are lookups, not matmuls, so they are left out, as are the residual scalars.
+        Attention scores and the weighted sum cost 2 * 2 * n_head * head_dim * T per token forward
+        (counted over the full T x T square, as nanochat does; a sliding-window layer over min(window,
+        T) keys), times 3 for forward + backward.
         """
         c = self.config
-        matmul_params = self.num_params(exclude_embedding=True)
-        attention = 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
-        return 6 * matmul_params + attention
+        scalars = c.n_layer * 2 if c.resid_scalars else 0
+        matmul_params = self.num_params(exclude_embedding=True) - scalars
+        keys = sum(min(b.attn.window or c.sequence_len, c.sequence_len) for b in self.transformer.h)
+        return 6 * matmul_params + 12 * c.n_head * c.head_dim * keys
 
     def forward(
         self,
@@ -379,23 +359,28 @@ class GPT(nn.Module):
         tokens), "sum", or "none" (per-token losses (B, T), 0 at ignored tokens). With a `kv_cache`
         the T tokens of every row are appended at that row's position and attend to its cached tokens.
         """
-        T = idx.size(1)
+        T, c = idx.size(1), self.config
         if kv_cache is None:
             if T > self.cos.size(0):
                 raise ValueError(f"{T} tokens exceed the rotary table ({self.cos.size(0)} positions)")
             rotary = (self.cos[None, :T, None], self.sin[None, :T, None])
             cache = None
+            masks = training_masks(self.windows, T, idx.device) if len(self.windows) > 1 else {None: None}
         else:
             if kv_cache.max_len > self.cos.size(0):
                 raise ValueError(f"KV cache max_len exceeds the rotary table ({self.cos.size(0)} positions)")
-            positions, mask = kv_cache.next_positions(T)  # each row continues from its own length
+            positions, causal = kv_cache.next_positions(T)  # each row continues from its own length
             rotary = (self.cos[positions][:, :, None], self.sin[positions][:, :, None])
-            cache = (kv_cache, positions, mask)
+            cache = (kv_cache, positions)
+            masks = cache_masks(self.windows, causal, positions)
 
-        x = norm(self.transformer.wte(idx), self.config.norm_eps)
-        for block in self.transformer.h:
-            x = block(x, rotary, cache)
-        x = norm(x, self.config.norm_eps)
+        x = x0 = norm(self.transformer.wte(idx), c.norm_eps)
+        for i, block in enumerate(self.transformer.h):
+            if c.resid_scalars:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if block.attn.ve_gate is not None else None
+            x = block(x, rotary, cache, masks, ve)
+        x = norm(x, c.norm_eps)
         if kv_cache is not None:
             kv_cache.advance(T)
         if last_only and targets is None:
@@ -403,14 +388,16 @@ class GPT(nn.Module):
         return self._logits(x) if targets is None else self._loss(x, targets, loss_reduction)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        softcap = self.config.softcap
-        return softcap * torch.tanh(self.lm_head(x).float() / softcap)
+        softcap, logits = self.config.softcap, self.lm_head(x)
+        if logits.size(-1) != self.config.vocab_size:  # padding rows are no tokens: never sampled
+            logits = logits[..., : self.config.vocab_size]
+        return softcap * torch.tanh(logits.float() / softcap)
 
     @torch.compiler.disable  # a chunk loop with out= buffers: left eager when the model is compiled
     def _loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
-        weight, softcap = self.lm_head.weight, self.config.softcap
+        weight, softcap, vocab = self.lm_head.weight, self.config.softcap, self.config.vocab_size
         h, flat_targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
         differentiable = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
         if reduction == "none" and differentiable:
@@ -419,9 +406,9 @@ class GPT(nn.Module):
             losses = F.cross_entropy(logits, flat_targets, ignore_index=-1, reduction="none")
             return losses.view(targets.shape)
         if differentiable:
-            total = _SoftcapCrossEntropySum.apply(h, weight, flat_targets, softcap)
+            total = SoftcapCrossEntropySum.apply(h, weight, flat_targets, softcap, vocab)
         else:
-            losses = softcap_cross_entropy(h, weight, flat_targets, softcap, with_grads=False)[0]
+            losses = softcap_cross_entropy(h, weight, flat_targets, softcap, False, vocab)[0]
             if reduction == "none":
                 return losses.view(targets.shape)
             total = losses.sum()
@@ -436,73 +423,33 @@ class GPT(nn.Module):
         matrix_lr: float = 0.02,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.8, 0.95),
+        scalar_lr: float = 0.01,
     ) -> list[torch.optim.Optimizer]:
-        """[AdamW for the embedding and lm_head, Muon for the blocks' matrices]; see picochat.optim.
+        """[AdamW for the embeddings, lm_head and scalars, Muon for the blocks' matrices]; see
+        picochat.optim.
 
-        The AdamW learning rates are given for a 768-wide model and scaled by (n_embd / 768)^-0.5;
-        every param group records its starting lr as `initial_lr` for the trainer's LR schedule.
+        The embedding and lm_head learning rates are given for a 768-wide model and scaled by
+        (n_embd / 768)^-0.5 (value embeddings share the token embedding's); `scalar_lr` is the residual
+        scalars' (resid_scalars), unscaled. Every param group records its starting lr as `initial_lr`
+        for the trainer's LR schedule.
         """
         from picochat.optim import build_optimizers
 
         width_scale = (self.config.n_embd / 768) ** -0.5
+        embeddings = [
+            *self.transformer.wte.parameters(),
+            *getattr(self, "value_embeds", nn.ModuleDict()).parameters(),
+        ]
+        adam_groups = [
+            (list(self.lm_head.parameters()), unembedding_lr * width_scale),
+            (embeddings, embedding_lr * width_scale),
+        ]
+        if self.config.resid_scalars:
+            adam_groups.append(([self.resid_lambdas, self.x0_lambdas], scalar_lr))
         return build_optimizers(
-            adam_groups=[
-                (list(self.lm_head.parameters()), unembedding_lr * width_scale),
-                (list(self.transformer.wte.parameters()), embedding_lr * width_scale),
-            ],
+            adam_groups=adam_groups,
             muon_params=list(self.transformer.h.parameters()),
             matrix_lr=matrix_lr,
             weight_decay=weight_decay,
             adam_betas=adam_betas,
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face transformers `NanoChatForCausalLM`: the same architecture, other names.
-
-
-def hf_config(config: GPTConfig) -> dict[str, Any]:
-    """Keyword arguments of transformers' `NanoChatConfig` describing the same model.
-
-    An exporter adds the tokenizer's bos_token_id / eos_token_id / pad_token_id. Rotary tables are not
-    weights: transformers recomputes them from rope_theta (same frequencies, same half-split pairing).
-    """
-    return {
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd,
-        "intermediate_size": 4 * config.n_embd,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
-        "max_position_embeddings": config.sequence_len,
-        "hidden_act": "relu2",
-        "rms_norm_eps": config.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "final_logit_softcapping": config.softcap,
-        "attention_bias": False,
-        "tie_word_embeddings": False,
-    }
-
-
-def hf_state_dict_mapping(config: GPTConfig) -> dict[str, str]:
-    """picochat parameter name -> `NanoChatForCausalLM` parameter name (same shapes, same layout).
-
-    Both sides store Linear weights as (out_features, in_features) and split rotary pairs as the two
-    halves of each head, so the tensors copy over unchanged.
-    """
-    mapping = {
-        "transformer.wte.weight": "model.embed_tokens.weight",
-        "lm_head.weight": "lm_head.weight",
-    }
-    per_layer = {
-        "attn.c_q": "self_attn.q_proj",
-        "attn.c_k": "self_attn.k_proj",
-        "attn.c_v": "self_attn.v_proj",
-        "attn.c_proj": "self_attn.o_proj",
-        "mlp.c_fc": "mlp.fc1",
-        "mlp.c_proj": "mlp.fc2",
-    }
-    for i in range(config.n_layer):
-        for ours, theirs in per_layer.items():
-            mapping[f"transformer.h.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
-    return mapping

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from picochat.checkpoint import STAGES, checkpoint_dir_for, find_model_tag, load_checkpoint
 from picochat.checkpoint_checks import model_config as parse_model_config
 from picochat.common import PicochatError, atomic_write_json, atomic_write_text, get_base_dir, run_cli
-from picochat.gpt import GPTConfig, hf_config, hf_state_dict_mapping
+from picochat.gpt import EXTRA_FIELDS, GPTConfig, architecture_extras, hf_config, hf_state_dict_mapping
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
 
 # The GPTConfig fields NanoChatForCausalLM can express (hf_config maps each one). A new field added to
@@ -110,7 +110,15 @@ def tokenizer_json(tokenizer: Tokenizer) -> str:
 
 def check_exportable(config: GPTConfig) -> None:
     """Refuse a model using a setting NanoChatForCausalLM cannot express, naming the setting."""
+    for name, value in architecture_extras(config).items():
+        raise PicochatError(
+            f"--{name.replace('_', '-')} ({name}={value!r}) is an architecture extra transformers' "
+            "NanoChatForCausalLM cannot express; only the plain architecture (the default, trained "
+            "without that flag) exports"
+        )
     for field in dataclasses.fields(GPTConfig):
+        if field.name in EXTRA_FIELDS:  # judged above: a setting that changes nothing is plain
+            continue
         if field.name not in SUPPORTED_FIELDS and getattr(config, field.name) != field.default:
             raise PicochatError(
                 f"model setting {field.name}={getattr(config, field.name)!r} has no equivalent in "

@@ -79,6 +79,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     m.add_argument("--n-kv-head", type=int, default=-1, help="key/value heads (GQA); -1 = as many as heads")
     m.add_argument("--max-seq-len", type=int, default=512, help="context length in tokens")
     m.add_argument("--seed", type=int, default=42, help="random seed of the initial weights")
+    flags.add_architecture_args(m)
     b = g["batch and horizon"]
     b.add_argument(
         "--device-batch-size",
@@ -196,7 +197,10 @@ class BaseTrainer(Trainer):
         self.token_bytes = get_token_bytes(device)
         shape = model_shape(args.depth, args.aspect_ratio, args.head_dim, args.n_kv_head)
         self.config = GPTConfig(
-            sequence_len=args.max_seq_len, vocab_size=self.tokenizer.get_vocab_size(), **shape
+            sequence_len=args.max_seq_len,
+            vocab_size=self.tokenizer.get_vocab_size(),
+            **shape,
+            **flags.architecture_config(args),
         )
         torch.manual_seed(args.seed)
         with torch.device("meta"):
@@ -269,6 +273,8 @@ class BaseTrainer(Trainer):
             )
 
     def _table(self) -> list[tuple[str, Any, str]]:
+        from picochat.gpt import architecture_extras
+
         args, plan, config = self.args, self.plan, self.config
         cpu_note = f", /{CPU_BATCH_DIVISOR} on CPU" if self.device.type == "cpu" else ""
         rows = [
@@ -277,6 +283,7 @@ class BaseTrainer(Trainer):
             ("n_head", config.n_head, f"model_dim / head_dim {args.head_dim}"),
             ("n_kv_head", config.n_kv_head, _how(args, "n_kv_head", -1, "= n_head")),
             ("vocab_size", config.vocab_size, "tokenizer"),
+            ("architecture extras", ", ".join(architecture_extras(config)) or "none (plain)", "model flags"),
             ("max_seq_len", args.max_seq_len, _how(args, "max_seq_len", 512, "default")),
             ("parameters", plan.num_params, "all"),
             ("scaling parameters", plan.scaling_params, "all but the token embeddings"),

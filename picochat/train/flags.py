@@ -151,6 +151,65 @@ def add_recipe_args(group: argparse._ArgumentGroup) -> None:
     )
 
 
+# The architecture switches: flag --x-y sets GPTConfig field x_y (picochat.gpt describes each one).
+ARCHITECTURE_FIELDS = (
+    "value_embeds", "resid_scalars", "rope_theta", "qk_scale", "vocab_multiple", "window_pattern",
+    "short_window",
+)  # fmt: skip
+
+
+def add_architecture_args(group: argparse._ArgumentGroup) -> None:
+    """The model's architecture extras, every one off by default (the plain, HF-exportable NanoChat)."""
+    group.add_argument(
+        "--value-embeds", action="store_true",
+        help="value embeddings: every other layer (the last included) adds a gated token embedding to V",
+    )  # fmt: skip
+    group.add_argument(
+        "--resid-scalars", action="store_true",
+        help="learnable per-layer scalars before each block: x = resid_lambda * x + x0_lambda * x0",
+    )  # fmt: skip
+    group.add_argument("--rope-theta", type=_positive(float), default=10000.0, help="rotary base")
+    group.add_argument(
+        "--qk-scale", type=_positive(float), default=1.0,
+        help="multiply the attention logits by this after QK-norm (1 = the usual 1/sqrt(head_dim))",
+    )  # fmt: skip
+    group.add_argument(
+        "--vocab-multiple", type=_positive(int), default=1,
+        help="pad the embedding and lm_head rows to a multiple of this (e.g. 64; padding is never sampled)",
+    )  # fmt: skip
+    group.add_argument(
+        "--window-pattern", type=_window_pattern, default="",
+        help="sliding-window attention per layer, tiled: S = short window, L = full context, e.g. SSSL; "
+        "the last layer is always L ('' = all full)",
+    )  # fmt: skip
+    group.add_argument(
+        "--short-window", type=_positive(int, zero=True), default=0,
+        help="tokens a short-window layer sees, itself included (0 = a quarter of --max-seq-len)",
+    )  # fmt: skip
+
+
+def architecture_config(args: argparse.Namespace) -> dict:
+    """The GPTConfig fields set by `add_architecture_args`' flags."""
+    return {name: getattr(args, name) for name in ARCHITECTURE_FIELDS}
+
+
+def _positive(kind: type, zero: bool = False):
+    def parse(text: str):
+        value = kind(text)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>= 0' if zero else 'positive'}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+def _window_pattern(text: str) -> str:
+    if set(text.upper()) - set("SL"):
+        raise argparse.ArgumentTypeError(f"{text!r} may hold only S (short window) and L (full context)")
+    return text.upper()
+
+
 def add_output_args(group: argparse._ArgumentGroup, stage: str, eval_every: int, save_every: int) -> None:
     """Evaluation and checkpoint cadence, logs, run name and resume."""
     group.add_argument(

@@ -1,0 +1,59 @@
+"""The GPT in Hugging Face transformers' terms: `NanoChatForCausalLM` is the same (plain) architecture
+under other names; these map picochat's config and weight names onto it (used by `picochat export` and
+`picochat import`). Models with architecture extras (`picochat.gpt.architecture_extras`) have no
+transformers equivalent.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from picochat.gpt import GPTConfig
+
+
+def hf_config(config: GPTConfig) -> dict[str, Any]:
+    """Keyword arguments of transformers' `NanoChatConfig` describing the same model.
+
+    An exporter adds the tokenizer's bos_token_id / eos_token_id / pad_token_id. Rotary tables are not
+    weights: transformers recomputes them from rope_theta (same frequencies, same half-split pairing).
+    """
+    return {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": 4 * config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "max_position_embeddings": config.sequence_len,
+        "hidden_act": "relu2",
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "final_logit_softcapping": config.softcap,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+    }
+
+
+def hf_state_dict_mapping(config: GPTConfig) -> dict[str, str]:
+    """picochat parameter name -> `NanoChatForCausalLM` parameter name (same shapes, same layout).
+
+    Both sides store Linear weights as (out_features, in_features) and split rotary pairs as the two
+    halves of each head, so the tensors copy over unchanged.
+    """
+    mapping = {
+        "transformer.wte.weight": "model.embed_tokens.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
+    per_layer = {
+        "attn.c_q": "self_attn.q_proj",
+        "attn.c_k": "self_attn.k_proj",
+        "attn.c_v": "self_attn.v_proj",
+        "attn.c_proj": "self_attn.o_proj",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+    }
+    for i in range(config.n_layer):
+        for ours, theirs in per_layer.items():
+            mapping[f"transformer.h.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return mapping

@@ -1,0 +1,243 @@
+"""The GPT's architecture extras (issue 11): each is off by default, changes the forward when on, trains,
+survives a checkpoint round trip, decodes with the KV cache exactly like the full forward, and makes
+the HF export refuse the model by name; sliding windows see exactly their window."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from picochat.attention import CausalSelfAttention, layer_window, training_masks
+from picochat.checkpoint import checkpoint_dir_for, load_model, save_checkpoint
+from picochat.checkpoint_checks import model_config
+from picochat.common import PicochatError
+from picochat.gpt import GPT, GPTConfig, KVCache, architecture_extras
+from picochat.hf_export import check_exportable
+from picochat.tokenizer import Tokenizer, tokenizer_dir
+from picochat.train import base, flags
+
+VOCAB = 60  # not a multiple of 64, so vocab_multiple=64 pads
+
+# One setting per switch, chosen so that it changes a 16-token forward of a 3-layer model.
+SWITCHES = {
+    "value_embeds": {"value_embeds": True},
+    "resid_scalars": {"resid_scalars": True},
+    "rope_theta": {"rope_theta": 100000.0},
+    "qk_scale": {"qk_scale": 1.6},
+    "vocab_multiple": {"vocab_multiple": 64},
+    "window_pattern": {"window_pattern": "SL", "short_window": 4},
+}
+ALL_ON = {k: v for setting in SWITCHES.values() for k, v in setting.items()}
+
+
+def config_with(**overrides) -> GPTConfig:
+    shape = {"sequence_len": 32, "vocab_size": VOCAB, "n_layer": 3, "n_head": 4, "n_kv_head": 2, "n_embd": 32}
+    return GPTConfig(**{**shape, **overrides})
+
+
+def random_model(config: GPTConfig, seed: int = 0) -> GPT:
+    """Every weight random (init zeroes the output projections and gates, which would hide bugs)."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def test_every_switch_is_off_by_default_and_the_plain_model_has_no_extras():
+    plain = config_with()
+    assert architecture_extras(plain) == {}
+    model = GPT(plain)
+    assert not hasattr(model, "value_embeds") and not hasattr(model, "resid_lambdas")
+    assert model.lm_head.weight.shape[0] == VOCAB and model.windows == {None}
+    args = base.build_parser().parse_args([])
+    assert GPTConfig(**flags.architecture_config(args)) == GPTConfig()
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_each_switch_changes_the_forward(switch):
+    """The switched model, given the plain model's weights (new ones random), computes other logits."""
+    plain = random_model(config_with())
+    model = random_model(config_with(**SWITCHES[switch]), seed=1)
+    state = plain.state_dict()
+    if switch == "vocab_multiple":  # the plain rows, then padding rows that must change nothing
+        for name in ("transformer.wte.weight", "lm_head.weight"):
+            state[name] = torch.cat([state[name], 100.0 * torch.ones(64 - VOCAB, state[name].size(1))])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("value_embeds" in n or "lambdas" in n or "ve_gate" in n for n in missing)
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(idx), plain(idx)
+    assert ours.shape == theirs.shape == (2, 16, VOCAB)  # padded logits are cut off
+    if switch == "vocab_multiple":  # the same model, only padded: identical logits and loss
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(model(idx, idx), plain(idx, idx))
+    else:
+        assert (ours - theirs).abs().max() > 1e-3
+    assert bool(architecture_extras(model.config)) == (switch != "rope_theta")  # a new base is plain
+    assert architecture_extras(plain.config) == {}
+
+
+def test_padding_rows_get_no_gradient_and_never_win_the_argmax():
+    model = random_model(config_with(vocab_multiple=64)).train()
+    with torch.no_grad():
+        model.lm_head.weight[VOCAB:] = 50.0  # padding rows that would dominate if they were logits
+    idx = torch.randint(0, VOCAB, (2, 16))
+    model(idx, idx).backward()
+    assert model.lm_head.weight.grad[VOCAB:].abs().max() == 0
+    assert model.lm_head.weight.grad[:VOCAB].abs().max() > 0
+    with torch.no_grad():
+        assert int(model(idx).argmax(-1).max()) < VOCAB
+
+
+def test_sliding_window_attention_sees_exactly_its_window():
+    """A token's output depends on the `window` tokens ending at it and on nothing earlier."""
+    config = config_with(window_pattern="S", short_window=5)
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(config, 0)
+    assert attn.window == 5
+    T = 12
+    x = torch.randn(1, T, config.n_embd)
+    model = GPT(config)
+    rotary = (model.cos[None, :T, None], model.sin[None, :T, None])
+    masks = training_masks({5}, T, x.device)
+    with torch.no_grad():
+        base_out = attn(x, rotary, None, masks)
+        for t in range(T):
+            changed = x.clone()
+            changed[:, t] += 1.0
+            moved = (attn(changed, rotary, None, masks) - base_out).abs().amax(dim=-1)[0] > 1e-6
+            assert moved.tolist() == [t <= s < t + 5 for s in range(T)]
+
+
+def test_window_pattern_is_tiled_and_the_last_layer_is_always_long():
+    config = GPTConfig(sequence_len=64, n_layer=6, n_head=1, n_kv_head=1, n_embd=8, window_pattern="SSL")
+    assert [layer_window(config, i) for i in range(6)] == [16, 16, None, 16, 16, None]
+    assert layer_window(dataclasses.replace(config, short_window=8), 0) == 8
+    all_short = dataclasses.replace(config, window_pattern="S")
+    assert [layer_window(all_short, i) for i in range(6)][-1] is None
+    single = dataclasses.replace(config, n_layer=1)  # only the last layer: no window anywhere
+    assert architecture_extras(single) == {}
+    with pytest.raises(ValueError, match="only S"):
+        GPTConfig(window_pattern="SXL")
+
+
+def test_flops_count_windows_and_leave_value_embeddings_out():
+    plain = GPT(config_with(sequence_len=64))
+    windowed = GPT(config_with(sequence_len=64, window_pattern="S", short_window=16))
+    c = plain.config
+    saved = 12 * c.n_head * c.head_dim * (64 - 16) * 2  # two of the three layers see 16 keys, not 64
+    assert plain.estimate_flops() - windowed.estimate_flops() == saved
+    ve = GPT(config_with(sequence_len=64, value_embeds=True))
+    gates = sum(b.attn.ve_gate.weight.numel() for b in ve.transformer.h if b.attn.ve_gate is not None)
+    assert ve.estimate_flops() - plain.estimate_flops() == 6 * gates
+    assert sorted(ve.value_embeds) == ["0", "2"]  # every other layer, the last included
+
+
+@pytest.mark.parametrize("switch", [*SWITCHES, "all"])
+def test_cached_decoding_equals_the_full_forward(switch):
+    """Prefill past the short window, then decode token by token, rows at different positions."""
+    config = config_with(**(ALL_ON if switch == "all" else SWITCHES[switch]))
+    model = random_model(config)
+    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache.for_model(model, 2, 32)
+        steps = [model(idx[:, :9], kv_cache=cache)]
+        steps += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(9, 20)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-4, rtol=1e-4)
+        # Row 1 restarts and is prefilled alone: its own positions, its own window.
+        one = KVCache.for_model(model, 1, 32)
+        model(idx[1:, :13], kv_cache=one)
+        cache.reset([1])
+        cache.insert_prefill(one, rows=[1])
+        cache.pos[0] = 13
+        last = model(idx[:, 13:14], kv_cache=cache)
+        torch.testing.assert_close(last, full[:, 13:14], atol=2e-4, rtol=1e-4)
+
+
+# All switches at once in the default suite; one by one (a minute on a busy 2-core machine) as slow.
+@pytest.mark.parametrize("switch", ["all", *(pytest.param(s, marks=pytest.mark.slow) for s in SWITCHES)])
+def test_each_switch_trains(switch):
+    torch.manual_seed(0)
+    model = GPT(config_with(**(ALL_ON if switch == "all" else SWITCHES[switch])))
+    model.init_weights()
+    optimizers = model.setup_optimizers()
+    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    assert len(params) == len({id(p) for p in params}) == len(list(model.parameters()))
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randperm(VOCAB, generator=gen)
+    rows = torch.randint(0, VOCAB, (8, 1), generator=gen)
+    for _ in range(24):
+        rows = torch.cat([rows, table[rows[:, -1:]]], dim=1)
+    losses = []
+    for _ in range(15):
+        loss = model(rows[:, :-1], rows[:, 1:])
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_checkpoint_round_trip_with_every_switch(tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
+    tokenizer = Tokenizer.train_from_iterator(["hello world, the quick brown fox"] * 20, 300)
+    tokenizer.save(tokenizer_dir())
+    config = config_with(vocab_size=tokenizer.get_vocab_size(), **{**ALL_ON, "vocab_multiple": 128})
+    model = random_model(config)
+    meta = {"model_config": dataclasses.asdict(config)}
+    save_checkpoint(checkpoint_dir_for("base", "d3"), 1, model.state_dict(), None, meta)
+    loaded, _, _ = load_model("base", "d3", device="cpu")
+    assert loaded.config == config
+    idx = torch.tensor([tokenizer.encode("hello fox")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), model(idx))
+
+
+def test_meta_validation_accepts_the_switches_and_refuses_bad_values():
+    raw = dataclasses.asdict(config_with(**ALL_ON))
+    assert model_config(raw) == config_with(**ALL_ON)
+    assert model_config({**raw, "short_window": 0}).short_window == 0  # 0 = derived, its default
+    refused = {
+        "value_embeds": ("yes", "expected bool"),
+        "window_pattern": ("SQ", "impossible model_config"),
+        "qk_scale": (0.0, "positive"),
+        "vocab_multiple": (0, "positive"),
+    }
+    for key, (value, message) in refused.items():
+        with pytest.raises(ValueError, match=message):
+            model_config({**raw, key: value})
+    with pytest.raises(ValueError, match="unknown model_config keys bogus"):
+        model_config({**raw, "bogus": 1})
+
+
+@pytest.mark.parametrize("switch", [s for s in SWITCHES if s != "rope_theta"])
+def test_hf_export_refuses_a_model_with_an_extra_by_name(switch):
+    with pytest.raises(PicochatError, match=rf"--{switch.replace('_', '-')} .*plain architecture"):
+        check_exportable(config_with(**SWITCHES[switch]))
+
+
+def test_hf_export_accepts_the_plain_architecture_a_new_rope_base_and_padding_that_pads_nothing():
+    check_exportable(config_with())
+    check_exportable(config_with(rope_theta=100000.0))
+    check_exportable(config_with(vocab_size=64, vocab_multiple=64))
+    check_exportable(config_with(window_pattern="L"))
+
+
+def test_train_base_flags_set_the_config_and_refuse_bad_values():
+    argv = ["--value-embeds", "--resid-scalars", "--rope-theta", "1e5", "--qk-scale", "1.2"]
+    argv += ["--vocab-multiple", "64", "--window-pattern", "sssl", "--short-window", "128"]
+    got = flags.architecture_config(base.build_parser().parse_args(argv))
+    assert got == {
+        "value_embeds": True, "resid_scalars": True, "rope_theta": 1e5, "qk_scale": 1.2,
+        "vocab_multiple": 64, "window_pattern": "SSSL", "short_window": 128,
+    }  # fmt: skip
+    for bad in (["--window-pattern", "SXL"], ["--qk-scale", "0"], ["--vocab-multiple", "-64"]):
+        with pytest.raises(SystemExit):
+            base.build_parser().parse_args(bad)
