@@ -117,6 +117,7 @@ class TokenBatchLoader:
         world_size: int = 1,
         resume_state: dict[str, Any] | None = None,
         packing: str = "stream",
+        prefetch: bool = False,
     ) -> None:
         if packing not in PACKINGS:
             raise PicochatError(f"unknown packing {packing!r}; use one of {', '.join(PACKINGS)}")
@@ -134,6 +135,9 @@ class TokenBatchLoader:
             check_shards(source)
         self._cursor = (state["epoch"], state["unit"])
         self._row = state["row"]
+        self.prefetch = prefetch  # assemble the next batch in a thread while this one trains
+        self._ahead: tuple[threading.Thread, list[Any]] | None = None
+        self._consumed: dict[str, Any] | None = None  # the position after the last batch handed out
         self._rows: torch.Tensor | None = None  # the current unit's shuffled rows
         self._queue: queue.Queue = queue.Queue(maxsize=PREFETCH_UNITS)
         self._stop = threading.Event()
@@ -188,18 +192,50 @@ class TokenBatchLoader:
     def __iter__(self) -> TokenBatchLoader:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _assemble(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """The next batch on the device, and the position after it."""
         batch = torch.stack([self._next_row() for _ in range(self.batch_size)])
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         else:
             batch = batch.to(self.device)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), self._position()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Where the next batch starts (JSON-serialisable; pass it back as `resume_state`)."""
+    def _assemble_ahead(self) -> None:
+        """Start assembling the batch after this one in a thread (it runs during forward/backward)."""
+        holder: list[Any] = []
+
+        def work() -> None:
+            try:
+                holder.append(self._assemble())
+            except BaseException as exc:  # handed to __next__, which re-raises it
+                holder.append(exc)
+
+        self._ahead = (threading.Thread(target=work, daemon=True), holder)
+        self._ahead[0].start()
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.prefetch:
+            inputs, targets, self._consumed = self._assemble()
+            return inputs, targets
+        if self._ahead is None:
+            self._assemble_ahead()
+        thread, holder = self._ahead
+        thread.join()
+        if isinstance(holder[0], BaseException):
+            raise holder[0]
+        inputs, targets, self._consumed = holder[0]
+        self._assemble_ahead()  # only this thread touches the rows until the next __next__
+        return inputs, targets
+
+    def _position(self) -> dict[str, Any]:
         epoch, unit = self._cursor
         return {"epoch": epoch, "unit": unit, "row": self._row, "world_size": self.world_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the next batch starts (JSON-serialisable; pass it back as `resume_state`); with
+        prefetch, after the last batch handed out, not the one assembled ahead."""
+        return dict(self._consumed) if self._consumed is not None else self._position()
 
     def __enter__(self) -> TokenBatchLoader:
         return self

@@ -214,3 +214,22 @@ def test_bestfit_loader_resumes_exactly_and_validation_keeps_the_stream_cut(corp
     assert not torch.equal(unit_rows(ids, 4, 0, 0, "bestfit"), unit_rows(ids, 4, 0, 0))
     with pytest.raises(PicochatError, match="packing"):
         TokenBatchLoader(tok, 2, 24, "train", "cpu", source, packing="greedy")
+
+
+def test_prefetch_gives_the_same_batches_and_resumes_after_the_last_one_handed_out(corpus):
+    source, _ = corpus
+    tok = tiny_tokenizer()
+    plain = TokenBatchLoader(tok, 2, 24, "train", "cpu", source)
+    ahead = TokenBatchLoader(tok, 2, 24, "train", "cpu", source, prefetch=True)
+    for _ in range(6):
+        a, b = next(plain), next(ahead)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert ahead.state_dict() == plain.state_dict()  # not the position of the batch assembled ahead
+    resumed = TokenBatchLoader(
+        tok, 2, 24, "train", "cpu", source, resume_state=ahead.state_dict(), prefetch=True
+    )
+    for _ in range(8):  # crosses units and an epoch
+        a, b = next(plain), next(resumed)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for loader in (plain, ahead, resumed):
+        loader.close()

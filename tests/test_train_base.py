@@ -188,6 +188,7 @@ def tiny_run(tmp_path, monkeypatch):
 # Every switch of docs/recipe.md on at once: the resumed run must still match the uninterrupted one.
 RECIPE_SWITCHES = ["--packing", "bestfit", "--muon-weight-decay", "0.2", "--ns", "polar", "--gc", "freeze"]
 RECIPE_SWITCHES += ["--normuon-beta2", "0.95", "--warmup-steps", "2", "--muon-momentum-final", "0.9"]
+RECIPE_SWITCHES += ["--prefetch", "on"]
 
 
 def run_losses(tag: str) -> dict[int, float]:

@@ -228,6 +228,7 @@ class BaseTrainer(Trainer):
             world_size,
             loader_state,
             packing=args.packing,
+            prefetch=args.prefetch == "on",
         )
         self.batches = iter(self.train_loader)
         self.train_model = wrap_model(self.model, world_size, self.use_compile)

@@ -144,6 +144,12 @@ def add_recipe_args(group: argparse._ArgumentGroup) -> None:
         "a document start, filled best-fit; a long document's rest goes into later rows)",
     )
     group.add_argument(
+        "--prefetch",
+        choices=("off", "on"),
+        default="off",
+        help="on: assemble (and on CUDA copy) the next batch in a thread during forward and backward",
+    )
+    group.add_argument(
         "--gc",
         choices=("on", "freeze"),
         default="on",
