@@ -102,7 +102,9 @@ def load_results(path: Path) -> list[dict]:
 
 
 def picochat(home: Path, threads: int, *argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PICOCHAT_HOME": str(home), "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "PICOCHAT_HOME": str(home)}
+    if threads > 0:  # else torch's default
+        env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "picochat", *argv]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)

@@ -117,6 +117,13 @@ class Muon(torch.optim.Optimizer):
         defaults |= {"weight_decay": weight_decay, "normuon_beta2": normuon_beta2}
         super().__init__(groups, defaults)
 
+    def __setstate__(self, state: dict) -> None:
+        """load_state_dict ends here: groups saved before a switch existed get its default (off)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
         rank, world = _world()

@@ -189,3 +189,20 @@ def test_configure_muon_sets_the_switches_on_every_muon_group():
     assert all("ns" not in group for group in adamw.param_groups)
     with pytest.raises(ValueError, match="Newton-Schulz"):
         configure_muon(optimizers, ns="cubic")
+
+
+def test_a_muon_state_saved_before_the_switches_existed_loads_with_them_off():
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    opt = Muon([p], lr=0.1)
+    p.grad = torch.randn(8, 4)
+    opt.step()
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        for key in ("ns", "weight_decay", "normuon_beta2"):
+            del group[key]
+    fresh = Muon([p], lr=0.1)
+    fresh.load_state_dict(old)
+    group = fresh.param_groups[0]
+    assert (group["ns"], group["weight_decay"], group["normuon_beta2"]) == ("jordan", 0.0, 0.0)
+    p.grad = torch.randn(8, 4)
+    fresh.step()
