@@ -69,9 +69,9 @@ def _plan(argv: list[str]):
 
 def test_horizon_from_target_flops_and_which_rule_wins():
     ratio = _plan([])
-    assert ratio.num_iterations == round(20 * ratio.scaling_params / 1024)
+    assert ratio.num_iterations == 20 * ratio.scaling_params // 1024
     flops = _plan(["--target-flops", "1e12"])
-    assert flops.num_iterations == round(1e12 / (flops.flops_per_token * 1024))
+    assert flops.num_iterations == int(1e12 // (flops.flops_per_token * 1024))
     assert flops.target_tokens == int(1e12 / flops.flops_per_token)
     assert _plan(["--target-flops", "1e12", "--num-iterations", "7"]).num_iterations == 7  # steps win
     for bad in ("0", "-5", "nan"):

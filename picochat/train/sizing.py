@@ -103,7 +103,7 @@ def make_plan(
         unit = seq_len * world_size  # whole rows on every process
         total = max(1, round(default_total_batch(target_tokens, ref_tokens, device_type) / unit)) * unit
     total, device_batch, grad_accum = batch_plan(total, args.device_batch_size, seq_len, world_size)
-    num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, round(target_tokens / total))
+    num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, int(target_tokens // total))
     eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 10 * total
     return Plan(
         total_batch_size=total,
