@@ -131,7 +131,7 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
             gate = 2.0 * torch.sigmoid(self.ve_gate(x))  # (B, T, n_kv_head)
-            v = v + gate[..., None] * ve.view(B, T, self.n_kv_head, self.head_dim)
+            v = v + (gate[..., None] * ve.view(B, T, self.n_kv_head, self.head_dim)).to(v.dtype)
         # As in NanoChat: rotate first, then normalise (the norm is rotation-invariant per pair anyway).
         q = norm(apply_rotary(q, *rotary), self.eps)
         k = norm(apply_rotary(k, *rotary), self.eps)

@@ -185,6 +185,16 @@ def test_each_switch_trains(switch):
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_bf16_autocast_forward_and_backward_with_every_switch():
+    """As on GPU: bf16 matmuls, fp32 tables and scalars (the value embedding must not promote V)."""
+    model = random_model(config_with(**ALL_ON)).train()
+    idx = torch.randint(0, VOCAB, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_checkpoint_round_trip_with_every_switch(tmp_path, monkeypatch):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
     tokenizer = Tokenizer.train_from_iterator(["hello world, the quick brown fox"] * 20, 300)
