@@ -284,7 +284,12 @@ class BaseTrainer(Trainer):
             ("n_head", config.n_head, f"model_dim / head_dim {args.head_dim}"),
             ("n_kv_head", config.n_kv_head, _how(args, "n_kv_head", -1, "= n_head")),
             ("vocab_size", config.vocab_size, "tokenizer"),
-            ("architecture extras", ", ".join(architecture_extras(config)) or "none (plain)", "model flags"),
+            (
+                "architecture extras",
+                ", ".join(f"{k}={v}" for k, v in architecture_extras(config).items()) or "none (plain)",
+                "model flags",
+            ),
+            ("rope_theta", config.rope_theta, "--rope-theta"),
             ("max_seq_len", args.max_seq_len, _how(args, "max_seq_len", 512, "default")),
             ("parameters", plan.num_params, "all"),
             ("scaling parameters", plan.scaling_params, "all but the token embeddings"),
