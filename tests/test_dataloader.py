@@ -171,3 +171,65 @@ def test_a_damaged_shard_is_named_before_training_starts(tmp_path, how, which):
         dataset.check_shards(str(source))
     with pytest.raises(PicochatError, match=str(bad)):  # the train loader runs the check up front
         TokenBatchLoader(tiny_tokenizer(), 1, 8, "train", "cpu", str(source))
+
+
+def test_bestfit_rows_start_at_pieces_and_target_every_token_once():
+    from picochat.dataloader import bestfit_rows
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [int(n) for n in torch.randint(2, 15, (60,), generator=gen)] + [40]  # one longer than 2 rows
+    docs, next_id = [], 1
+    for n in lengths:  # token ids unique across the corpus, 0 = BOS at each document start
+        docs.append([0] + list(range(next_id, next_id + n - 1)))
+        next_id += n - 1
+    rows = bestfit_rows(docs, 17)
+    assert rows and all(len(r) == 17 for r in rows)
+    targets = [t for r in rows for t in r[1:] if t != 0]
+    assert len(targets) == len(set(targets)), "a token is a target twice"
+    missing = set(range(1, next_id)) - set(targets)
+    assert len(missing) < 17, "more than the last partial row was dropped"
+    starts_at_bos = sum(r[0] == 0 for r in rows) / len(rows)
+    assert starts_at_bos > 0.6, starts_at_bos
+    assert rows[:2] == [docs[-1][:17], docs[-1][16:33]]  # the long document fills whole rows first
+
+
+def test_bestfit_loader_resumes_exactly_and_validation_keeps_the_stream_cut(corpus):
+    from picochat.dataloader import unit_rows
+
+    source, _ = corpus
+    tok = tiny_tokenizer()
+    original = TokenBatchLoader(tok, 2, 24, "train", "cpu", source, packing="bestfit")
+    for _ in range(5):
+        next(original)
+    resumed = TokenBatchLoader(
+        tok, 2, 24, "train", "cpu", source, resume_state=original.state_dict(), packing="bestfit"
+    )
+    for _ in range(10):
+        a, b = next(original), next(resumed)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    original.close()
+    resumed.close()
+    ids = [[0, 5, 6, 7], [0, 8, 9], [0, 1, 2, 3, 4, 5, 6]]
+    assert torch.equal(unit_rows(ids, 4, 0, 0, "stream"), unit_rows(ids, 4, 0, 0))
+    assert not torch.equal(unit_rows(ids, 4, 0, 0, "bestfit"), unit_rows(ids, 4, 0, 0))
+    with pytest.raises(PicochatError, match="packing"):
+        TokenBatchLoader(tok, 2, 24, "train", "cpu", source, packing="greedy")
+
+
+def test_prefetch_gives_the_same_batches_and_resumes_after_the_last_one_handed_out(corpus):
+    source, _ = corpus
+    tok = tiny_tokenizer()
+    plain = TokenBatchLoader(tok, 2, 24, "train", "cpu", source)
+    ahead = TokenBatchLoader(tok, 2, 24, "train", "cpu", source, prefetch=True)
+    for _ in range(6):
+        a, b = next(plain), next(ahead)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert ahead.state_dict() == plain.state_dict()  # not the position of the batch assembled ahead
+    resumed = TokenBatchLoader(
+        tok, 2, 24, "train", "cpu", source, resume_state=ahead.state_dict(), prefetch=True
+    )
+    for _ in range(8):  # crosses units and an epoch
+        a, b = next(plain), next(resumed)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for loader in (plain, ahead, resumed):
+        loader.close()

@@ -136,3 +136,73 @@ def test_optimizer_state_round_trips_through_state_dict():
     for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert math.isfinite(sum(p.sum().item() for p in model_a.parameters()))
+
+
+def test_polar_express_lands_closer_to_the_polar_factor_than_the_fixed_quintic():
+    g = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    polar = u @ vh
+    errors = {ns: (orthogonalize(g, ns=ns) - polar).norm() / polar.norm() for ns in ("jordan", "polar")}
+    assert errors["polar"] < 0.5 * errors["jordan"], errors
+    s = torch.linalg.svdvals(orthogonalize(g, ns="polar"))
+    assert s.min() > 0.85 and s.max() < 1.15, s
+
+
+def test_cautious_weight_decay_shrinks_only_where_the_step_already_shrinks():
+    p = torch.nn.Parameter(torch.tensor([[1.0, -1.0], [1.0, -1.0]]))
+    opt = Muon([p], lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.5)
+    p.grad = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])  # agrees with p's sign on the diagonal only
+    update = orthogonalize(p.grad.clone())
+    start = p.detach().clone()
+    opt.step()
+    agree = (update * start) >= 0
+    expected = start - 0.1 * update - 0.1 * 0.5 * start * agree
+    torch.testing.assert_close(p.detach(), expected)
+    assert agree.tolist() == [[True, False], [False, True]]
+
+
+def test_normuon_equalises_neuron_sizes_and_keeps_the_update_norm():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(48, 16))  # tall: one statistic per row
+    opt = Muon([p], lr=1.0, momentum=0.0, nesterov=False, normuon_beta2=0.5)
+    g = torch.randn(48, 16) * torch.linspace(0.1, 3.0, 48)[:, None]
+    p.grad = g
+    plain = orthogonalize(g)
+    opt.step()
+    step = -p.detach() / math.sqrt(48 / 16)  # Muon scales tall updates by sqrt(rows / cols)
+    assert step.norm() == pytest.approx(plain.norm().item(), rel=1e-4)
+    row_rms = step.square().mean(dim=1).sqrt()
+    assert row_rms.std() / row_rms.mean() < 0.01 < plain.square().mean(dim=1).sqrt().std() / plain.norm()
+    assert opt.state[p]["second_moment"].shape == (48, 1)
+
+
+def test_configure_muon_sets_the_switches_on_every_muon_group():
+    from picochat.optim import configure_muon
+
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=32, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    optimizers = model.setup_optimizers()
+    configure_muon(optimizers, ns="polar", weight_decay=0.2, normuon_beta2=0.95)
+    muon = [opt for opt in optimizers if isinstance(opt, Muon)][0]
+    for group in muon.param_groups:
+        assert (group["ns"], group["weight_decay"], group["initial_weight_decay"]) == ("polar", 0.2, 0.2)
+    adamw = [opt for opt in optimizers if not isinstance(opt, Muon)][0]
+    assert all("ns" not in group for group in adamw.param_groups)
+    with pytest.raises(ValueError, match="Newton-Schulz"):
+        configure_muon(optimizers, ns="cubic")
+
+
+def test_a_muon_state_saved_before_the_switches_existed_loads_with_them_off():
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    opt = Muon([p], lr=0.1)
+    p.grad = torch.randn(8, 4)
+    opt.step()
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        for key in ("ns", "weight_decay", "normuon_beta2"):
+            del group[key]
+    fresh = Muon([p], lr=0.1)
+    fresh.load_state_dict(old)
+    group = fresh.param_groups[0]
+    assert (group["ns"], group["weight_decay"], group["normuon_beta2"]) == ("jordan", 0.0, 0.0)
+    p.grad = torch.randn(8, 4)
+    fresh.step()

@@ -16,8 +16,9 @@ from safetensors import safe_open
 from picochat.common import REPO_DIR as REPO
 from picochat.common import PicochatError
 from picochat.evals.bpb import evaluate_bpb
-from picochat.train.base import batch_plan, build_parser, model_shape, muon_momentum
-from picochat.train.loop import lr_multiplier
+from picochat.train.base import build_parser
+from picochat.train.schedule import lr_multiplier, muon_momentum
+from picochat.train.sizing import batch_plan, model_shape
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
@@ -52,6 +53,49 @@ def test_lr_schedule_warmup_constant_warmdown():
     assert (
         muon_momentum(0) == 0.85 and muon_momentum(150) == pytest.approx(0.9) and muon_momentum(10**6) == 0.95
     )
+
+
+def _plan(argv: list[str]):
+    from picochat.gpt import GPT, GPTConfig
+    from picochat.train import flags
+    from picochat.train.sizing import make_plan
+
+    parser = build_parser()
+    args = flags.parse(parser, ["--max-seq-len", "64", "--total-batch-size", "1024", *argv])
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=64, vocab_size=512, **model_shape(2, 64, 64)))
+    return make_plan(args, model, 512, 1, "cpu")
+
+
+def test_horizon_from_target_flops_and_which_rule_wins():
+    ratio = _plan([])
+    assert ratio.num_iterations == 20 * ratio.scaling_params // 1024
+    flops = _plan(["--target-flops", "1e12"])
+    assert flops.num_iterations == int(1e12 // (flops.flops_per_token * 1024))
+    assert flops.target_tokens == int(1e12 / flops.flops_per_token)
+    assert _plan(["--target-flops", "1e12", "--num-iterations", "7"]).num_iterations == 7  # steps win
+    for bad in ("0", "-5", "nan"):
+        with pytest.raises(PicochatError, match="--target-flops"):
+            _plan(["--target-flops", bad])
+
+
+def test_recipe_schedules():
+    from picochat.train.schedule import batch_lr_scale, batch_weight_decay, weight_decay_multiplier
+
+    assert [lr_multiplier(s, 100, 0.5, 0.0, 0.0, warmup_steps=4) for s in range(5)] == [0.25, 0.5, 0.75, 1, 1]
+    # nanochat 2026: 0.85 -> 0.97 over 400 steps, then down to 0.90 over the warm-down
+    m = [muon_momentum(s, 1000, 0.97, 400, 0.90, 0.5) for s in (0, 200, 400, 500, 750, 1000)]
+    assert m == pytest.approx([0.85, 0.91, 0.97, 0.97, 0.935, 0.90])
+    assert muon_momentum(1000, 1000, 0.97, 400) == 0.97  # no final value: the peak stays
+    assert weight_decay_multiplier(0, 100) == 1 and weight_decay_multiplier(50, 100) == pytest.approx(0.5)
+    assert weight_decay_multiplier(100, 100) == pytest.approx(0)
+    # the batch rules are the identity at nanochat's batch and horizon (GPU speedrun settings stay)
+    assert batch_lr_scale(2**19) == 1 and batch_weight_decay(0.28, 2**19, 1e9, 1e9) == pytest.approx(0.28)
+    assert batch_lr_scale(2**13) == pytest.approx(1 / 8)
+    assert batch_weight_decay(0.28, 2**13, 2e9, 1e9) == pytest.approx(0.28 / 8 / 2)
+    for flag, bad in (("--muon-momentum", "1.0"), ("--normuon-beta2", "-0.1"), ("--muon-weight-decay", "-1")):
+        with pytest.raises(PicochatError, match=flag):
+            _plan([flag, bad])
 
 
 def test_every_flag_has_help():
@@ -141,6 +185,12 @@ def tiny_run(tmp_path, monkeypatch):
     return [*flags, "--source", str(shards)]
 
 
+# Every switch of docs/recipe.md on at once: the resumed run must still match the uninterrupted one.
+RECIPE_SWITCHES = ["--packing", "bestfit", "--muon-weight-decay", "0.2", "--ns", "polar", "--gc", "freeze"]
+RECIPE_SWITCHES += ["--normuon-beta2", "0.95", "--warmup-steps", "2", "--muon-momentum-final", "0.9"]
+RECIPE_SWITCHES += ["--prefetch", "on"]
+
+
 def run_losses(tag: str) -> dict[int, float]:
     from picochat.common import get_base_dir
 
@@ -149,9 +199,12 @@ def run_losses(tag: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
 
-def test_training_loss_falls_and_a_killed_run_resumes_exactly(tiny_run, monkeypatch):
+@pytest.mark.parametrize("switches", [[], RECIPE_SWITCHES], ids=["defaults", "recipe-switches"])
+def test_training_loss_falls_and_a_killed_run_resumes_exactly(tiny_run, monkeypatch, switches):
     from picochat.checkpoint import checkpoint_dir_for, list_steps
     from picochat.train import base
+
+    tiny_run = [*tiny_run, *switches]
 
     assert base.main([*tiny_run, "--model-tag", "whole"]) == 0
     whole = run_losses("whole")

@@ -7,11 +7,15 @@ table at start):
   - learning rates: nanochat's values; `GPT.setup_optimizers` scales the AdamW ones by (width/768)^-0.5;
   - data horizon = target_param_data_ratio (20, Chinchilla) * scaling parameters, where, as in nanochat,
     the scaling parameters are all parameters except the token embedding table(s) (transformer matrices
-    + lm_head + the few scalars): embedding lookups cost no FLOPs and fit the scaling laws worse;
+    + lm_head + the few scalars): embedding lookups cost no FLOPs and fit the scaling laws worse.
+    One horizon rule wins: --num-iterations, else --target-flops (training FLOPs / (FLOPs per token *
+    total batch) steps), else the ratio;
   - total batch size (tokens per optimiser step) from nanochat's power-line rule B ~ D^0.383 anchored at
     2^19 tokens for a d12 model, divided by CPU_BATCH_DIVISOR on CPU, where a run is limited by compute
-    long before its data horizon and more, smaller steps learn more per second.
+    long before its data horizon and more, smaller steps learn more per second (picochat.train.sizing).
 `--device-batch-size` only trades memory for gradient-accumulation steps: the update is the same.
+The optimiser, schedule, data and systems switches (--muon-weight-decay, --ns, --packing, ...) and
+which of them are on by default are measured in docs/recipe.md (bench/recipe.py).
 
 The loop: gradient accumulation, warm-up / constant / warm-down learning rate, Muon momentum warm-up,
 validation bits per byte and greedy samples every N steps, a tqdm bar (loss, tokens/s, MFU, ETA),
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import math
 from typing import Any
 
@@ -34,13 +39,15 @@ from picochat.checkpoint import checkpoint_dir_for
 from picochat.common import PicochatError, compute_dtype, distributed_runtime, print0, run_cli
 from picochat.train import flags
 from picochat.train.loop import Evaluation, Trainer, accumulate_gradients, wrap_model
+from picochat.train.schedule import (
+    REF_BATCH_TOKENS,
+    batch_lr_scale,
+    batch_weight_decay,
+    muon_momentum,
+    weight_decay_multiplier,
+)
+from picochat.train.sizing import BATCH_POWER, CPU_BATCH_DIVISOR, make_plan, model_shape, reference_tokens
 
-# Batch-size rule: nanochat's d12 reference at a Chinchilla horizon uses 2^19 tokens per step.
-REF_DEPTH = 12
-REF_BATCH_TOKENS = 2**19
-BATCH_POWER = 0.383
-CPU_BATCH_DIVISOR = 64
-MUON_MOMENTUM_WARMUP_STEPS = 300
 BYTES_PER_PARAM = 16  # fp32 weights + gradients + two optimiser moments: the least a step needs
 
 
@@ -86,15 +93,24 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=-1,
         help="tokens per optimiser step over all processes; -1 = derived from depth",
     )
-    flags.add_horizon_args(b, "from --target-param-data-ratio")
+    flags.add_horizon_args(b, "from --target-flops, else --target-param-data-ratio (the first rule set wins)")
+    b.add_argument(
+        "--target-flops",
+        type=float,
+        default=-1.0,
+        help="training FLOPs of the run (FLOPs per token as logged, times tokens); used when "
+        "--num-iterations is -1, and wins over --target-param-data-ratio; -1 = off",
+    )
     b.add_argument(
         "--target-param-data-ratio",
         type=float,
         default=20.0,
-        help="training tokens per scaling parameter (20 = Chinchilla)",
+        help="training tokens per scaling parameter (20 = Chinchilla); the horizon when neither "
+        "--num-iterations nor --target-flops is set",
     )
     o = g["optimisation"]
     flags.add_optim_args(o, init_lr_frac=None)
+    flags.add_recipe_args(o)
     o.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of LR warm-up")
     o.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of LR warm-down")
     o.add_argument(
@@ -127,123 +143,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------
-# The depth dial
-
-
-def model_shape(depth: int, aspect_ratio: int, head_dim: int, n_kv_head: int = -1) -> dict[str, int]:
-    """Width, heads and kv heads for a depth: width = depth*aspect_ratio rounded up to whole heads."""
-    if depth < 1 or aspect_ratio < 1 or head_dim < 1:
-        raise PicochatError("--depth, --aspect-ratio and --head-dim must be positive")
-    n_head = max(1, math.ceil(depth * aspect_ratio / head_dim))
-    n_kv_head = n_head if n_kv_head == -1 else n_kv_head
-    if n_kv_head < 1 or n_head % n_kv_head:
-        raise PicochatError(f"--n-kv-head {n_kv_head} must divide the number of heads ({n_head})")
-    return {"n_layer": depth, "n_embd": n_head * head_dim, "n_head": n_head, "n_kv_head": n_kv_head}
-
-
-def scaling_params(model: torch.nn.Module) -> int:
-    """Parameters that count for the data horizon: all but the token embedding table(s)."""
-    embedding = sum(
-        p.numel() for mod in model.modules() if isinstance(mod, torch.nn.Embedding) for p in mod.parameters()
-    )
-    return sum(p.numel() for p in model.parameters()) - embedding
-
-
-def default_total_batch(target_tokens: float, ref_target_tokens: float, device_type: str) -> int:
-    """Tokens per step: B = 2^19 * (D / D_d12)^0.383, as a power of two (divided down on CPU)."""
-    batch = REF_BATCH_TOKENS * (target_tokens / ref_target_tokens) ** BATCH_POWER
-    if device_type == "cpu":
-        batch /= CPU_BATCH_DIVISOR
-    return 2 ** round(math.log2(batch))
-
-
-def batch_plan(total: int, device_batch: int, seq_len: int, world_size: int) -> tuple[int, int, int]:
-    """(total_batch, device_batch, grad_accum): total = device_batch * seq_len * world_size * accum."""
-    rows_per_rank, rem = divmod(total, seq_len * world_size)
-    if total < 1 or rem:
-        raise PicochatError(
-            f"--total-batch-size {total} must be a positive multiple of max_seq_len * processes = "
-            f"{seq_len} * {world_size} = {seq_len * world_size}"
-        )
-    if device_batch == -1:  # the largest power of two up to 32 rows that divides a rank's share
-        device_batch = math.gcd(rows_per_rank, 32)
-    if device_batch < 1 or rows_per_rank % device_batch:
-        raise PicochatError(
-            f"--device-batch-size {device_batch} must divide the {rows_per_rank} rows each process handles "
-            f"per step (total batch {total} = rows * max_seq_len {seq_len} * {world_size} processes); "
-            "pick a divisor, or change --total-batch-size"
-        )
-    return total, device_batch, rows_per_rank // device_batch
-
-
-def muon_momentum(step: int) -> float:
-    """Muon momentum ramps from 0.85 to 0.95 over the first steps (as in nanochat)."""
-    frac = min(step / MUON_MOMENTUM_WARMUP_STEPS, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = flags.parse(build_parser(prog), argv)
-    with distributed_runtime(args.device_type) as (rank, world_size, device):
-        BaseTrainer(args, rank, world_size, device).run()
+    try:
+        with distributed_runtime(args.device_type) as (rank, world_size, device):
+            BaseTrainer(args, rank, world_size, device).run()
+    finally:  # --gc freeze must not outlive the run (tests and notebooks call main in-process)
+        gc.unfreeze()
+        gc.enable()
     return 0
-
-
-@dataclasses.dataclass
-class Plan:
-    """The values derived from --depth (or overridden by flags) that the loop runs with."""
-
-    total_batch_size: int
-    device_batch_size: int
-    grad_accum_steps: int
-    num_iterations: int
-    eval_steps: int
-    num_params: int
-    scaling_params: int
-    flops_per_token: float
-    target_tokens: int
-
-
-def make_plan(
-    args: argparse.Namespace, model: torch.nn.Module, vocab_size: int, world_size: int, device_type: str
-) -> Plan:
-    """Batch size, horizon and eval size for this model (the rules are in the module docstring)."""
-    seq_len = args.max_seq_len
-    num_scaling = scaling_params(model)
-    target_tokens = args.target_param_data_ratio * num_scaling
-    total = args.total_batch_size
-    if total == -1:
-        ref_shape = model_shape(REF_DEPTH, args.aspect_ratio, args.head_dim)
-        ref_tokens = args.target_param_data_ratio * _ref_scaling_params(ref_shape, vocab_size)
-        unit = seq_len * world_size  # whole rows on every process
-        total = max(1, round(default_total_batch(target_tokens, ref_tokens, device_type) / unit)) * unit
-    total, device_batch, grad_accum = batch_plan(total, args.device_batch_size, seq_len, world_size)
-    num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, int(target_tokens // total))
-    eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 10 * total
-    return Plan(
-        total_batch_size=total,
-        device_batch_size=device_batch,
-        grad_accum_steps=grad_accum,
-        num_iterations=num_iterations,
-        eval_steps=max(1, eval_tokens // (device_batch * seq_len * world_size)),
-        num_params=sum(p.numel() for p in model.parameters()),
-        scaling_params=num_scaling,
-        flops_per_token=float(model.estimate_flops()),
-        target_tokens=int(target_tokens),
-    )
-
-
-def _ref_scaling_params(shape: dict[str, int], vocab_size: int) -> int:
-    """Scaling parameters of the d12 reference model (built on the meta device: no memory, no time)."""
-    from picochat.gpt import GPT, GPTConfig
-
-    with torch.device("meta"):
-        ref = GPT(GPTConfig(sequence_len=1, vocab_size=vocab_size, **shape))
-    return scaling_params(ref)
 
 
 def _how(args: argparse.Namespace, name: str, default: Any, rule: str) -> str:
@@ -299,13 +210,8 @@ class BaseTrainer(Trainer):
         self.model.init_weights()
         self.plan = make_plan(args, self.model, self.config.vocab_size, world_size, device.type)
         self.flops_per_token = self.plan.flops_per_token
-        self.schedule = (args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        self.optimizers = self.model.setup_optimizers(
-            unembedding_lr=args.unembedding_lr,
-            embedding_lr=args.embedding_lr,
-            matrix_lr=args.matrix_lr,
-            weight_decay=args.weight_decay,
-        )
+        self.schedule = (args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac, args.warmup_steps)
+        self.optimizers = self._optimizers()
         self.start(self.plan.num_iterations)
         loader_state = self._restore() if self.resumed else None
         self.use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
@@ -321,10 +227,34 @@ class BaseTrainer(Trainer):
             rank,
             world_size,
             loader_state,
+            packing=args.packing,
+            prefetch=args.prefetch == "on",
         )
         self.batches = iter(self.train_loader)
         self.train_model = wrap_model(self.model, world_size, self.use_compile)
         self.samples: list[str] = []
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        """The model's Muon + AdamW, with the batch-size rules and Muon's switches applied."""
+        from picochat.optim import configure_muon
+
+        args, plan = self.args, self.plan
+        scaled = args.batch_scaling == "on"
+        lr_scale = batch_lr_scale(plan.total_batch_size) if scaled else 1.0
+        optimizers = self.model.setup_optimizers(
+            unembedding_lr=args.unembedding_lr * lr_scale,
+            embedding_lr=args.embedding_lr * lr_scale,
+            matrix_lr=args.matrix_lr * lr_scale,
+            weight_decay=args.weight_decay,
+        )
+        wd = args.muon_weight_decay
+        if scaled:
+            tokens = plan.num_iterations * plan.total_batch_size
+            ref_tokens = reference_tokens(args, self.config.vocab_size)
+            wd = batch_weight_decay(wd, plan.total_batch_size, tokens, ref_tokens)
+        self.muon_weight_decay = wd
+        configure_muon(optimizers, ns=args.ns, weight_decay=wd, normuon_beta2=args.normuon_beta2)
+        return optimizers
 
     def _restore(self) -> Any:
         """Restore the checkpoint after checking that it is this model and batch; return the loader state."""
@@ -364,7 +294,7 @@ class BaseTrainer(Trainer):
             ("parameters", plan.num_params, "all"),
             ("scaling parameters", plan.scaling_params, "all but the token embeddings"),
             ("FLOPs per token", plan.flops_per_token, "model.estimate_flops()"),
-            ("target tokens", plan.target_tokens, f"{args.target_param_data_ratio:g} * scaling parameters"),
+            ("target tokens", plan.target_tokens, self._horizon_rule()),
             (
                 "total_batch_size",
                 plan.total_batch_size,
@@ -382,17 +312,22 @@ class BaseTrainer(Trainer):
                 plan.num_iterations,
                 _how(args, "num_iterations", -1, "target tokens / total batch"),
             ),
+            ("training FLOPs", plan.flops_per_token * plan.num_iterations * plan.total_batch_size, "steps"),
             (
                 "eval_tokens",
                 plan.eval_steps * plan.device_batch_size * args.max_seq_len * self.world_size,
                 _how(args, "eval_tokens", -1, "10 * total batch"),
             ),
         ]
+        lr_rule = "flag, width-scaled by the model"
+        if args.batch_scaling == "on":
+            lr_rule += f", * sqrt(batch / {REF_BATCH_TOKENS})"
         rows += [
-            (f"lr {type(opt).__name__}[{i}]", float(group["initial_lr"]), "flag, width-scaled by the model")
+            (f"lr {type(opt).__name__}[{i}]", float(group["initial_lr"]), lr_rule)
             for opt in self.optimizers
             for i, group in enumerate(opt.param_groups)
         ]
+        rows.append(("Muon weight decay", self.muon_weight_decay, "--muon-weight-decay, --batch-scaling"))
         rows += [
             ("max_minutes", args.max_minutes or "none", "--max-minutes"),
             (
@@ -405,13 +340,39 @@ class BaseTrainer(Trainer):
         ]
         return rows
 
+    def _horizon_rule(self) -> str:
+        if self.args.num_iterations > 0:
+            return f"{self.args.target_param_data_ratio:g} * scaling parameters (unused: --num-iterations)"
+        if self.args.target_flops > 0:
+            return "--target-flops / FLOPs per token"
+        return f"{self.args.target_param_data_ratio:g} * scaling parameters"
+
     # -- the stage's hooks
 
     def forward_backward(self) -> tuple[float, int]:
-        return accumulate_gradients(self.train_model, self.batches, self.plan.grad_accum_steps)
+        result = accumulate_gradients(self.train_model, self.batches, self.plan.grad_accum_steps)
+        if self.args.gc == "freeze" and gc.isenabled():
+            # Everything alive now (model, optimiser state, modules) lives to the end: freezing moves
+            # it out of the collector's sight, and disabling it stops the pauses its passes cost.
+            # Reference counting still frees the steps' tensors; main() re-enables it.
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        return result
 
     def momentum(self, step: int) -> float:
-        return muon_momentum(step)
+        args = self.args
+        return muon_momentum(
+            step,
+            self.state.horizon,
+            args.muon_momentum,
+            args.muon_momentum_warmup,
+            args.muon_momentum_final,
+            args.warmdown_ratio,
+        )
+
+    def weight_decay(self, step: int) -> float:
+        return weight_decay_multiplier(step, self.state.horizon)
 
     def data_state(self) -> dict[str, Any]:
         return self.train_loader.state_dict()

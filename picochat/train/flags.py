@@ -29,15 +29,16 @@ POSITIVE = {
     "depth", "aspect_ratio", "head_dim", "n_kv_head", "max_seq_len", "device_batch_size",
     "total_batch_size", "num_iterations", "eval_tokens", "eval_batches", "examples_per_step",
     "num_samples", "max_new_tokens", "target_examples_per_step", "eval_metrics_examples",
-    "core_metric_max_per_task",
+    "core_metric_max_per_task", "target_flops",
 }  # fmt: skip
 # Flags that may be 0 (a period of 0 = at the end only; a rate or ratio of 0 = off).
 NON_NEGATIVE = {
     "eval_every", "save_every", "keep_last", "max_minutes", "sample_every", "log_every", "grad_clip",
     "weight_decay", "warmup_ratio", "warmdown_ratio", "final_lr_frac", "embedding_lr", "unembedding_lr",
     "matrix_lr", "init_lr_frac", "target_param_data_ratio", "temperature", "top_k", "eval_examples",
-    "core_metric_every", "eval_metrics_every",
+    "core_metric_every", "eval_metrics_every", "warmup_steps", "muon_weight_decay", "muon_momentum_warmup",
 }  # fmt: skip
+FRACTIONS = {"muon_momentum", "muon_momentum_final", "normuon_beta2"}  # in [0, 1)
 NEVER = {"core_metric_every", "eval_metrics_every"}  # periods where -1 means "never"
 
 
@@ -93,6 +94,67 @@ def add_optim_args(group: argparse._ArgumentGroup, init_lr_frac: float | None) -
             "--init-lr-frac", type=float, default=init_lr_frac, help="scale every LR above by this factor"
         )
     group.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+
+
+def add_recipe_args(group: argparse._ArgumentGroup) -> None:
+    """Pretraining's optimiser, schedule, data and systems switches (measured in docs/recipe.md)."""
+    group.add_argument(
+        "--warmup-steps", type=int, default=0, help="LR warm-up steps; 0 = use --warmup-ratio instead"
+    )
+    group.add_argument("--muon-momentum", type=float, default=0.95, help="Muon momentum after its warm-up")
+    group.add_argument(
+        "--muon-momentum-warmup", type=int, default=300, help="steps of Muon momentum warm-up from 0.85"
+    )
+    group.add_argument(
+        "--muon-momentum-final",
+        type=float,
+        default=-1.0,
+        help="Muon momentum at the end, reached linearly over the LR warm-down; -1 = keep --muon-momentum",
+    )
+    group.add_argument(
+        "--muon-weight-decay",
+        type=float,
+        default=0.0,
+        help="cautious weight decay of the Muon matrices (decays with a cosine to 0 over the run; 0 = off)",
+    )
+    group.add_argument(
+        "--ns",
+        choices=("jordan", "polar"),
+        default="jordan",
+        help="Muon's Newton-Schulz coefficients: jordan (fixed quintic) or polar (Polar Express)",
+    )
+    group.add_argument(
+        "--normuon-beta2",
+        type=float,
+        default=0.0,
+        help="NorMuon: EMA rate of each neuron's update size, used to equalise them (0 = off; 0.95 typical)",
+    )
+    group.add_argument(
+        "--batch-scaling",
+        choices=("off", "on"),
+        default="off",
+        help="on: every LR times sqrt(total batch / 2^19) and the Muon weight decay scaled to keep the "
+        "reference's B/(lr*wd*D) (the identity at nanochat's batch and horizon)",
+    )
+    group.add_argument(
+        "--packing",
+        choices=("stream", "bestfit"),
+        default="stream",
+        help="training rows: stream (documents end to end, cut every T tokens) or bestfit (rows start at "
+        "a document start, filled best-fit; a long document's rest goes into later rows)",
+    )
+    group.add_argument(
+        "--prefetch",
+        choices=("off", "on"),
+        default="off",
+        help="on: assemble (and on CUDA copy) the next batch in a thread during forward and backward",
+    )
+    group.add_argument(
+        "--gc",
+        choices=("on", "freeze"),
+        default="on",
+        help="Python's garbage collector: on, or freeze (collect, freeze and disable it after step 1)",
+    )
 
 
 # The architecture switches: flag --x-y sets GPTConfig field x_y (picochat.gpt describes each one).
@@ -199,6 +261,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
             raise PicochatError(f"{flag} {value} must be at least 1")
         if name in NON_NEGATIVE and value < 0 and not derived:
             raise PicochatError(f"{flag} {value} cannot be negative")
+        if name in FRACTIONS and not 0 <= value < 1 and not derived:
+            raise PicochatError(f"{flag} {value} must be at least 0 and below 1")
     check_device_type(getattr(args, "device_type", ""))
     return args
 

@@ -55,6 +55,7 @@ from picochat.optim import Muon
 from picochat.report import record
 from picochat.train.flops import peak_flops, raise_peak
 from picochat.train.progress import Progress, format_duration, show_figure
+from picochat.train.schedule import lr_multiplier
 
 EMA_BETA = 0.9  # smoothing of the displayed training loss
 IGNORE = -1  # target value the loss skips
@@ -134,32 +135,22 @@ def optimizer_step(
     lr_mult: float,
     momentum: float | None,
     grad_clip: float,
+    wd_mult: float = 1.0,
 ) -> float:
-    """Clip the gradients (0 = no clipping), set LR and Muon momentum, step, zero; return the grad norm."""
+    """Clip the gradients (0 = no clipping), set LR, Muon momentum and Muon weight decay (its initial
+    value times `wd_mult`), step, zero; return the grad norm."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_mult
-            if momentum is not None and isinstance(opt, Muon):
-                group["momentum"] = momentum
+            if isinstance(opt, Muon):
+                group["weight_decay"] = group.get("initial_weight_decay", group["weight_decay"]) * wd_mult
+                if momentum is not None:
+                    group["momentum"] = momentum
         opt.step()
     model.zero_grad(set_to_none=True)
     return float(norm)
-
-
-def lr_multiplier(
-    step: int, horizon: int, warmup_ratio: float, warmdown_ratio: float, final_frac: float
-) -> float:
-    """Linear warm-up to 1, constant, then linear warm-down to final_frac over the last steps."""
-    warmup = round(warmup_ratio * horizon)
-    warmdown = round(warmdown_ratio * horizon)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= horizon - warmdown or warmdown == 0:
-        return 1.0
-    progress = max(0.0, (horizon - step) / warmdown)
-    return progress + (1 - progress) * final_frac
 
 
 def wrap_model(model: torch.nn.Module, world_size: int, compile_model: bool) -> torch.nn.Module:
@@ -232,6 +223,10 @@ class Trainer:
     def momentum(self, step: int) -> float | None:
         """Muon momentum at a step (None = leave the optimiser's own)."""
         return None
+
+    def weight_decay(self, step: int) -> float:
+        """Multiplier of the Muon weight decay at a step (1 = constant)."""
+        return 1.0
 
     def data_state(self) -> dict[str, Any] | None:
         """This rank's data position, saved in checkpoints and handed back by `restore`."""
@@ -352,7 +347,12 @@ class Trainer:
                 "(e.g. --matrix-lr, --init-lr-frac) or --grad-clip, and --resume from the last checkpoint"
             )
         grad_norm = optimizer_step(
-            self.train_model, self.optimizers, lrm, self.momentum(state.step), self.args.grad_clip
+            self.train_model,
+            self.optimizers,
+            lrm,
+            self.momentum(state.step),
+            self.args.grad_clip,
+            self.weight_decay(state.step),
         )
         synchronize(self.device)
         dt = time.time() - t0
