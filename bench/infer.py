@@ -37,6 +37,9 @@ class BenchTokenizer:
     def __init__(self, vocab_size: int) -> None:
         self.special = {f"<|{name}|>": vocab_size + i for i, name in enumerate(SPECIAL_NAMES)}
 
+    def get_vocab_size(self) -> int:
+        return max(self.special.values()) + 1
+
     def encode_special(self, name: str) -> int:
         return self.special[name]
 
@@ -159,7 +162,7 @@ def main() -> None:
         f"{sum(p.numel() for p in engine.model.parameters()) / 1e6:.1f}M parameters; "
         f"{torch.get_num_threads()} threads; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens"
     )
-    timed_generation(engine, prompt, 8, 16)  # warm-up: first-call allocations and kernel selection
+    timed_generation(engine, prompt, 8, min(16, args.new_tokens))  # warm-up: first-call allocations, kernels
 
     prefill = [time_prefill(engine, prompt) for _ in range(args.repeats)]
     print(

@@ -55,6 +55,9 @@ class FakeTokenizer:
     def __init__(self, vocab_size: int) -> None:
         self.special = {f"<|{name}|>": vocab_size + i for i, name in enumerate(SPECIALS.split())}
 
+    def get_vocab_size(self) -> int:
+        return max(self.special.values()) + 1
+
     def encode_special(self, name: str) -> int:
         return self.special[name]
 

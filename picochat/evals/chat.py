@@ -189,7 +189,9 @@ def score_chat_task(
     was_training = model.training
     model.eval()
     correct = too_long = done = 0
-    bar = tqdm(total=len(indices), desc=desc or type(task).__name__, leave=False, disable=not progress)
+    bar = tqdm(
+        total=len(indices), desc=desc or type(task).__name__, leave=False, disable=None if progress else True
+    )
     try:
         if task.eval_type == "categorical":
             max_len = getattr(getattr(model, "config", None), "sequence_len", None)

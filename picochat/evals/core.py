@@ -281,7 +281,7 @@ def evaluate_task(
     pad_id = tokenizer.get_bos_token_id()  # any id works: padding sits after every scored position
     correct = total = fewer_shots = skipped = 0
     indices = range(rank, n, world_size)
-    for idx in tqdm(indices, desc=spec.label, leave=False, disable=not progress):
+    for idx in tqdm(indices, desc=spec.label, leave=False, disable=None if progress else True):
         fewshot = fewshot_examples(data, idx, spec.num_fewshot)
         fitted = fit_prompts(tokenizer, spec, data[idx], fewshot, max_seq_len)
         if fitted.shots is None:

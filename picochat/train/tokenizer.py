@@ -78,7 +78,7 @@ def train_on_corpus(
     documents = iter_documents("train", args.source)
     total = count_documents("train", args.source)
     desc = f"training {vocab_size:,}-token BPE"
-    with tqdm(documents, desc=desc, total=total, unit="doc", disable=not progress) as docs:
+    with tqdm(documents, desc=desc, total=total, unit="doc", disable=None if progress else True) as docs:
         start = time.perf_counter()
         texts = capped_texts(docs, args.doc_cap, args.max_chars, stats)
         tokenizer = Tokenizer.train_from_iterator(texts, vocab_size)
