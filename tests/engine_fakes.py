@@ -1,7 +1,7 @@
 """Test helpers for the engine and the batching server: a tiny tokenizer, tiny random GPTs, and a GPT
 whose reply is rigged to follow a script (to force tool calls and stop tokens).
 
-Shared by tests/test_engine.py and tests/test_batching.py (not a test module itself).
+Shared by the engine, batching, model and Hugging Face tests (not a test module itself).
 """
 
 from __future__ import annotations
@@ -41,6 +41,17 @@ def randomize(model: GPT, tokenizer: Tokenizer, seed: int = 0) -> GPT:
             p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
         model.lm_head.weight.mul_(4.0)  # peaky enough that sampling at temperature 1 is not uniform
         model.lm_head.weight[list(tokenizer.get_special_tokens().values())] = 0.0
+    return model.eval()
+
+
+def random_model(config: GPTConfig, seed: int = 0) -> GPT:
+    """A model with every weight random (init_weights zeroes output projections, hiding bugs)."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
     return model.eval()
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_fakes import random_model
 
 import picochat.gpt as gpt
 from picochat.gpt import GPT, GPTConfig, KVCache, hf_config, hf_state_dict_mapping
@@ -18,17 +19,6 @@ VOCAB = 64
 def tiny_config(**overrides) -> GPTConfig:
     shape = {"sequence_len": 32, "vocab_size": VOCAB, "n_layer": 2, "n_head": 4, "n_kv_head": 4, "n_embd": 64}
     return GPTConfig(**{**shape, **overrides})
-
-
-def random_model(config: GPTConfig, seed: int = 0) -> GPT:
-    """A model with every weight random (init_weights zeroes output projections, hiding bugs)."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 def learnable_batch(batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from engine_fakes import random_model
 
 from picochat.attention import CausalSelfAttention, layer_window, training_masks
 from picochat.checkpoint import checkpoint_dir_for, load_model, save_checkpoint
@@ -35,17 +36,6 @@ ALL_ON = {k: v for setting in SWITCHES.values() for k, v in setting.items()}
 def config_with(**overrides) -> GPTConfig:
     shape = {"sequence_len": 32, "vocab_size": VOCAB, "n_layer": 3, "n_head": 4, "n_kv_head": 2, "n_embd": 32}
     return GPTConfig(**{**shape, **overrides})
-
-
-def random_model(config: GPTConfig, seed: int = 0) -> GPT:
-    """Every weight random (init zeroes the output projections and gates, which would hide bugs)."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 def test_every_switch_is_off_by_default_and_the_plain_model_has_no_extras():

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from engine_fakes import random_model
 from post_fixtures import corpus
 from safetensors.torch import load_file, save_file
 
@@ -23,7 +24,7 @@ from picochat import cli
 from picochat.checkpoint import checkpoint_dir_for, list_steps, load_model, save_checkpoint, step_dir
 from picochat.common import PicochatError, get_base_dir
 from picochat.engine import Engine
-from picochat.gpt import GPT, GPTConfig
+from picochat.gpt import GPTConfig
 from picochat.hf_export import write_export
 from picochat.hf_import import main as import_main
 from picochat.sampling import SamplingParams
@@ -37,16 +38,6 @@ TEXTS = [
 PROBE = "the quick brown fox says héllo 🙂 to 12345 worlds"
 
 
-def _model(config: GPTConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(config)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
-
-
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> tuple[Path, Tokenizer, dict[str, torch.Tensor]]:
     """An export of a tiny random model (the folder, its tokenizer, its weights)."""
@@ -54,7 +45,7 @@ def export(tmp_path_factory) -> tuple[Path, Tokenizer, dict[str, torch.Tensor]]:
     config = GPTConfig(
         sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=1, n_embd=32
     )
-    state = _model(config).state_dict()
+    state = random_model(config).state_dict()
     folder = tmp_path_factory.mktemp("export")
     write_export(folder, state, config, tokenizer, "card\n")
     return folder, tokenizer, state
@@ -227,7 +218,7 @@ def padded(tmp_path, monkeypatch) -> tuple[Path, int]:
     n = tokenizer.get_vocab_size()
     config = GPTConfig(sequence_len=256, vocab_size=-(-n // PAD_TO) * PAD_TO + PAD_TO, n_layer=2,
                        n_head=2, n_kv_head=2, n_embd=64)  # fmt: skip
-    model = _model(config)
+    model = random_model(config)
     with torch.no_grad():
         model.lm_head.weight[:n] *= 0.01
         model.lm_head.weight[n:] *= 30.0
