@@ -6,12 +6,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from post_fixtures import make_home
+from torchrun import run_torchrun
 
 from picochat.common import REPO_DIR, PicochatError, get_base_dir
 from picochat.evals.chat import (
@@ -167,10 +166,7 @@ def test_two_processes_agree_with_one(tmp_path, monkeypatch):
     main(flags)
     one = json.loads((get_base_dir() / "report" / "chat-eval-sft.json").read_text())["tasks"]
     env = {**os.environ, "PICOCHAT_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "picochat.evals.chat", *flags]  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_torchrun(["-m", "picochat.evals.chat", *flags], env, timeout=150, cwd=REPO_DIR)
     two = json.loads((get_base_dir() / "report" / "chat-eval-sft.json").read_text())["tasks"]
     assert {n: (r["n"], r["accuracy"]) for n, r in two.items()} == {
         n: (r["n"], r["accuracy"]) for n, r in one.items()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from torchrun import run_torchrun
 
 from picochat.common import REPO_DIR as REPO
 from picochat.common import PicochatError
@@ -126,13 +127,12 @@ def test_bpb_excludes_special_tokens_by_hand():
 
 WORKER = Path(__file__).with_name("ddp_steps_worker.py")
 WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def test_two_processes_match_one_with_accumulation(tmp_path):
     single, double = tmp_path / "single.safetensors", tmp_path / "double.safetensors"
     subprocess.run([sys.executable, str(WORKER), str(single), "2"], check=True, env=WORKER_ENV, timeout=300)
-    subprocess.run([*TORCHRUN, str(WORKER), str(double), "1"], check=True, env=WORKER_ENV, timeout=300)
+    run_torchrun([str(WORKER), str(double), "1"], WORKER_ENV, timeout=150)
 
     with safe_open(single, "pt") as a, safe_open(double, "pt") as b:
         losses_a, losses_b = json.loads(a.metadata()["losses"]), json.loads(b.metadata()["losses"])
@@ -147,8 +147,7 @@ def test_accumulation_all_reduces_once_per_step(tmp_path, compiled):
     """With 2 micro-batches per rank, DDP all-reduces each gradient bucket once per step (no_sync on the
     first micro-batch), also when the model is torch.compile(DDP(model))."""
     out = tmp_path / "out.safetensors"
-    cmd = [*TORCHRUN, str(WORKER), str(out), "2", *(["compile"] if compiled else [])]
-    subprocess.run(cmd, check=True, env=WORKER_ENV, timeout=600)
+    run_torchrun([str(WORKER), str(out), "2", *(["compile"] if compiled else [])], WORKER_ENV, timeout=300)
     with safe_open(out, "pt") as f:
         meta = f.metadata()
     from ddp_steps_worker import STEPS

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from post_fixtures import MODEL_TAG, make_home, tiny_config
+from torchrun import run_torchrun
 
 from picochat.checkpoint import checkpoint_dir_for, list_steps, load_model
 from picochat.common import REPO_DIR, PicochatError, get_base_dir
@@ -213,14 +212,7 @@ def test_two_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
     make_home("sft")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    subprocess.run(
-        [*torchrun, "-m", "picochat.train.rl", *TINY, "--num-iterations", "2"],
-        check=True,
-        env=env,
-        cwd=REPO_DIR,
-        timeout=120,
-    )
+    run_torchrun(["-m", "picochat.train.rl", *TINY, "--num-iterations", "2"], env, timeout=120, cwd=REPO_DIR)
     rows = [json.loads(line) for line in (tmp_path / "runs" / f"rl_{MODEL_TAG}" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]  # rank 0 alone writes
     evals = [r for r in rows if r["kind"] == "eval"]
