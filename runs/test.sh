@@ -15,7 +15,7 @@ fi
 # Tests write artifacts to a throwaway PICOCHAT_HOME, never the user's real one.
 export PICOCHAT_HOME="${PICOCHAT_TEST_HOME:-$(mktemp -d)}"
 set +e
-"$VENV/bin/python" -m pytest -m "not slow" "$@"
+"$VENV/bin/python" -m pytest -m "not slow" --durations=25 "$@"  # the slowest tests, to keep the suite short
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
