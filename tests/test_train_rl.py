@@ -134,6 +134,9 @@ def test_short_run_saves_reloads_records_and_resumes(tmp_path, monkeypatch):
     with pytest.raises(PicochatError, match="--resume"):  # refuses to silently replace the run
         main([*TINY, "--num-iterations", "3"])
 
+    with pytest.raises(PicochatError, match="is RL on gsm8k, not spellingbee; pass --task gsm8k"):
+        main([*TINY, "--num-iterations", "5", "--resume", "--task", "spellingbee"])
+    assert list_steps(ckpt_dir) == [2, 3]  # the refused resume wrote nothing
     assert main([*TINY, "--num-iterations", "5", "--resume"]) == 0
     assert list_steps(ckpt_dir) == [2, 3, 4, 5]
     train = [r for r in _metrics() if r["kind"] == "train"]

@@ -222,7 +222,7 @@ class RLTrainer(Trainer):
         )
         default_steps = max(1, len(self.train_questions) // args.examples_per_step)
         self.start(args.num_iterations if args.num_iterations > 0 else default_steps)
-        data = self.restore(weights_from=meta) if self.resumed else None
+        data = self.restore(weights_from=meta, check=self._check_resume) if self.resumed else None
         self.next_question = data["next_question"] if data else 0  # position in the endless cycle
         self.train_model = wrap_model(self.model, world_size, compile_model=False)
         print0(
@@ -340,7 +340,15 @@ class RLTrainer(Trainer):
         return {f"pass@{k + 1}": c / n for k, c in enumerate(totals[:-1].tolist())}
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"input": self.input}
+        return {"input": self.input, "task": self.args.task}
+
+    def _check_resume(self, meta: dict[str, Any]) -> None:
+        saved = meta.get("task", "gsm8k")  # checkpoints from before --task existed trained on GSM8K
+        if saved != self.args.task:
+            raise PicochatError(
+                f"cannot resume: {meta['path']} is RL on {saved}, not {self.args.task}; "
+                f"pass --task {saved} (or start a new run without --resume)"
+            )
 
     def summary_extra(self) -> dict[str, Any]:
         args, figures = self.args, self.state.figures
