@@ -140,8 +140,8 @@ class CausalSelfAttention(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         else:
             kv_cache, positions = cache
-            k, v = kv_cache.store(self.layer_idx, k, v, positions, mask.size(-1))
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)
+            k, v = kv_cache.store(self.layer_idx, k, v, positions, mask.size(-1))  # (B, H, span, D)
+            q, k, v = q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=gqa
         )
