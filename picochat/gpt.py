@@ -378,7 +378,9 @@ class GPT(nn.Module):
             positions, causal = kv_cache.next_positions(T)  # each row continues from its own length
             rotary = (self.cos[positions][:, :, None], self.sin[positions][:, :, None])
             cache = (kv_cache, positions)
-            masks = cache_masks(self.windows, causal, positions)
+            # on CPU (no autocast: the queries have the cache's dtype) the masks are made additive once
+            additive = kv_cache.k.dtype if idx.device.type == "cpu" else None
+            masks = cache_masks(self.windows, causal, positions, additive)
 
         x = x0 = norm(self.transformer.wte(idx), c.norm_eps)
         for i, block in enumerate(self.transformer.h):
