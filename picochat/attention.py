@@ -87,14 +87,24 @@ def training_masks(windows: set[int | None], seq_len: int, device: torch.device)
     return {w: None if w is None or w >= seq_len else _window_mask(seq_len, w, device) for w in windows}
 
 
-def cache_masks(windows: set[int | None], causal: torch.Tensor, positions: torch.Tensor) -> Masks:
+def cache_masks(
+    windows: set[int | None],
+    causal: torch.Tensor,
+    positions: torch.Tensor,
+    additive: torch.dtype | None = None,
+) -> Masks:
     """Masks for a forward with a KV cache: the cache's causal mask (B, 1, T, span), narrowed per window
-    to the keys within w - 1 positions before each query (positions (B, T))."""
+    to the keys within w - 1 positions before each query (positions (B, T)). With `additive` (the
+    queries' dtype), each is returned as 0 / -inf of that dtype: SDPA on CPU converts a boolean mask
+    to that at every call, so converting once per forward saves it n_layer - 1 times (the same numbers)."""
     keys = torch.arange(causal.size(-1), device=causal.device)
     masks: Masks = {}
     for w in windows:
         in_window = keys[None, None, :] > positions[:, :, None] - w if w is not None else None
-        masks[w] = causal if in_window is None else causal & in_window[:, None]
+        mask = causal if in_window is None else causal & in_window[:, None]
+        if additive is not None:
+            mask = torch.zeros(mask.shape, dtype=additive, device=mask.device).masked_fill_(~mask, -math.inf)
+        masks[w] = mask
     return masks
 
 
@@ -140,8 +150,8 @@ class CausalSelfAttention(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         else:
             kv_cache, positions = cache
-            k, v = kv_cache.store(self.layer_idx, k, v, positions, mask.size(-1))
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)
+            k, v = kv_cache.store(self.layer_idx, k, v, positions, mask.size(-1))  # (B, H, span, D)
+            q, k, v = q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=gqa
         )

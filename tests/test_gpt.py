@@ -1,5 +1,6 @@
 """The GPT: it learns, the fused loss equals the plain one, the KV cache reproduces the full forward
-(also with GQA and rows at different positions), FLOPs, meta-device init and the HF NanoChat mapping."""
+(also with GQA, rows at different positions, and its additive CPU masks bit for bit), FLOPs,
+meta-device init and the HF NanoChat mapping."""
 
 from __future__ import annotations
 
@@ -138,6 +139,26 @@ def test_kv_cache_rows_at_their_own_positions():
             full = model(torch.cat([prompt, nxt[row : row + 1].repeat(1, 3)], dim=1))
             for i, logits in enumerate(steps):
                 torch.testing.assert_close(logits[row, 0], full[0, prompt.size(1) + i], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("window_pattern", ["", "SL"])
+def test_additive_cache_masks_give_the_boolean_masks_logits_exactly(monkeypatch, window_pattern):
+    """On CPU the cache's masks are made 0 / -inf once per forward instead of SDPA converting the
+    boolean ones in every layer: rows at different positions (masked keys), windows or not, same bits."""
+    model = random_model(tiny_config(n_kv_head=2, window_pattern=window_pattern, short_window=4))
+    prompt = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+
+    def decode() -> torch.Tensor:
+        cache = KVCache.for_model(model, batch_size=2, max_len=16)
+        with torch.no_grad():
+            model(prompt, kv_cache=cache)
+            cache.pos[0] = 5  # row 0 forgets its last 4 tokens: its mask hides them
+            return torch.cat([model(torch.tensor([[3], [7]]), kv_cache=cache) for _ in range(3)], dim=1)
+
+    additive = decode()
+    real = gpt.cache_masks
+    monkeypatch.setattr(gpt, "cache_masks", lambda w, c, p, additive=None: real(w, c, p, None))
+    assert torch.equal(additive, decode())
 
 
 def test_insert_prefill_broadcasts_one_row_and_cache_overflow_is_refused():

@@ -183,8 +183,12 @@ async def _drain(gens: Generations, builders: list[ChoiceBuilder]) -> None:
 async def _stream(gens: Generations, builders: list[ChoiceBuilder], meta: dict, req: SamplingRequest, fmt):
     """The SSE body: an opening chunk per choice, content chunks, a finish chunk per choice, [DONE]."""
 
+    # Every chunk is {"object": ..., **meta, "choices": [choice]}: its JSON up to the choice is encoded
+    # once per stream, so each token costs one small json.dumps (the bytes are the same).
+    head = json.dumps({"object": fmt.chunk_object, **meta, "choices": []})[: -len("]}")]
+
     def chunk(choice: dict) -> str:
-        return sse({"object": fmt.chunk_object, **meta, "choices": [choice]})
+        return f"data: {head}{json.dumps(choice)}]}}\n\n"
 
     try:
         for i in range(len(builders)):
