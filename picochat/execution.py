@@ -102,9 +102,25 @@ PRIVATE_WORKDIR = "/tmp/run"  # on the private /tmp; without namespaces a fresh 
 TMPFS_OPTIONS = "mode=1777,nosuid,nodev,noexec"
 KEPT_MOUNT_FLAGS = ("nosuid", "nodev", "noexec", "noatime", "nodiratime", "relatime", "strictatime")
 _HIDDEN = "|".join(f"{p}|{p}/*" for p in PRIVATE_TMP_SIZES)
+# Its arguments: N, N kept folders, the command. A kept folder (the interpreter's, picochat's, under /tmp in
+# a clone there) is opened first and bound back, read-only, at its own path once the tmpfs hides it.
 MOUNT_SCRIPT = "\n".join(
     [
         "set -e",
+        "keep=$1; shift; i=0; fd=3",
+        'while [ "$i" -lt "$keep" ]; do',
+        '  while [ -e "/proc/self/fd/$fd" ]; do fd=$((fd + 1)); done',  # not the report pipe's number
+        r'  eval "exec $fd<\"\$1\"; kept$i=\$1; fd$i=$fd"',
+        "  shift; i=$((i + 1))",
+        "done",
+        "make_ro() {",  # $1: a mount point, $2: its options; keep the flags a user namespace locks
+        "  flags=",
+        f"  for flag in {' '.join(KEPT_MOUNT_FLAGS)}; do",
+        '    case ",$2," in *",$flag,"*) flags="$flags,$flag";; esac',
+        "  done",
+        '  mount -o "remount,bind,ro$flags" "$1" 2>/dev/null || umount --lazy "$1" 2>/dev/null ||',
+        '    { echo "sandbox: cannot make $1 read-only" >&2; exit 1; }',
+        "}",
         "umount --recursive --lazy /sys 2>/dev/null || true",  # else its mounts are made read-only below
         "mounts=$(cat /proc/self/mounts)",
         "seen=",
@@ -116,15 +132,20 @@ MOUNT_SCRIPT = "\n".join(
         "  esac",
         f"  case $point in {_HIDDEN}) continue;; esac",
         '  case ",$options," in *,ro,*) continue;; esac',
-        "  flags=",
-        f"  for flag in {' '.join(KEPT_MOUNT_FLAGS)}; do",
-        '    case ",$options," in *",$flag,"*) flags="$flags,$flag";; esac',
-        "  done",
-        '  mount -o "remount,bind,ro$flags" "$point" 2>/dev/null || umount --lazy "$point" 2>/dev/null ||',
-        '    { echo "sandbox: cannot make $point read-only" >&2; exit 1; }',
+        '  make_ro "$point" "$options"',
         "done",
         *(f"if [ -d {p} ]; then mount -t tmpfs -o size={n},{TMPFS_OPTIONS} tmpfs {p}; fi"
           for p, n in PRIVATE_TMP_SIZES.items()),
+        "i=0",
+        'while [ "$i" -lt "$keep" ]; do',
+        r'  eval "dir=\$kept$i; fd=\$fd$i"',
+        '  mkdir -p "$dir"',
+        '  mount --no-canonicalize --bind "/proc/self/fd/$fd" "$dir"',
+        '  eval "exec $fd<&-"',
+        '  options=$(awk -v p="$dir" \'$2 == p { o = $4 } END { print o }\' /proc/self/mounts)',
+        '  make_ro "$dir" "$options"',
+        "  i=$((i + 1))",
+        "done",
         'exec "$@"',
     ]
 )  # fmt: skip
@@ -214,6 +235,14 @@ def _unprivileged_ids() -> tuple[int, int] | None:
     return run_id, run_id
 
 
+def _kept_folders() -> tuple[str, ...]:
+    """The folders the child needs (interpreter, venv, picochat) that lie under a private-tmpfs path."""
+    needed = {sys.prefix, sys.base_prefix, os.path.dirname(sys.executable), str(CHILD_SCRIPT.parent)}
+    needed |= {os.path.realpath(p) for p in needed} | {os.path.dirname(os.path.realpath(sys.executable))}
+    hidden = sorted(p for p in needed if any(p == t or p.startswith(t + "/") for t in PRIVATE_TMP_SIZES))
+    return tuple(f for f in hidden if not any(f.startswith(k + "/") for k in hidden))  # outermost only
+
+
 @functools.cache
 def _namespace_prefix() -> tuple[str, ...]:
     """`unshare ...` to prepend to the child's command, or () when namespaces are not available here."""
@@ -221,7 +250,9 @@ def _namespace_prefix() -> tuple[str, ...]:
     if unshare is None:
         return ()
     user_ns = () if os.geteuid() == 0 else ("--map-root-user",)
+    kept = _kept_folders()
     prefix = (unshare, *user_ns, *NAMESPACE_FLAGS, "/bin/sh", "-c", MOUNT_SCRIPT, "sandbox")
+    prefix += (str(len(kept)), *kept)
     try:
         probe = subprocess.run(
             [*prefix, sys.executable, "-I", "-S", "-c", "pass"], capture_output=True, timeout=10

@@ -10,6 +10,8 @@ import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -430,6 +432,30 @@ def test_kernel_runs_each_run_as_its_own_user():
     assert first[2] == second[2] == "1"  # PID 1 of its own PID namespace
     assert int(first[0]) in execution.RUN_IDS and int(second[0]) in execution.RUN_IDS
     assert first[0] == first[1] and first[0] != second[0]  # unprivileged, and not shared between runs
+
+
+@needs_kernel_layers
+def test_a_checkout_under_tmp_keeps_the_kernel_layers(tmp_path):
+    """/tmp becomes a private tmpfs in the sandbox. A picochat under /tmp (a fresh clone there, say) used
+    to make the probe fail, so every run silently lost its namespaces; now its folder is bound back
+    read-only and nothing else of the host's /tmp is visible."""
+    checkout = tmp_path / "clone"  # pytest's tmp_path is under /tmp
+    shutil.copytree(Path(execution.__file__).parent, checkout / "picochat")
+    (checkout / "secret.txt").write_text("host file")
+    code = REAL_POSIX + (
+        "print(posix.getpid())\n"
+        f"print(posix.access({str(checkout / 'secret.txt')!r}, posix.F_OK))\n"
+        f"print(posix.access({str(checkout / 'picochat' / 'execution.py')!r}, posix.W_OK))\n"
+    )
+    probe = "import picochat.execution as e, sys\nr = e.execute_code(sys.argv[1], timeout=10)\n"
+    probe += "print(r.stdout + r.stderr)"
+    done = subprocess.run(
+        [sys.executable, "-c", probe, code], cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout.split() == ["1", "False", "False"], (
+        done.stdout + done.stderr
+    )  # PID namespace, hidden, ro
 
 
 @needs_kernel_layers
