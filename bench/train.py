@@ -185,7 +185,7 @@ def worker(args: argparse.Namespace) -> dict:
         "gflops": flops_per_token * tok_per_sec / 1e9,
         "peak_gflops": peak / 1e9,
         "peak_source": peak_source,
-        "mfu": 100 * achieved / peak,
+        "mfu": 100 * (achieved / peak),  # achieved <= peak, so at most 100 exactly (not 100 * a / a)
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "peak_cuda_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else 0.0,
         "first_step_s": first_step_s,

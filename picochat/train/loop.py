@@ -367,7 +367,7 @@ class Trainer:
         if peak != self.peak:
             print0(f"peak FLOP/s raised: {self.peak_source}")
             self.peak = peak
-        mfu = 100 * achieved / self.peak
+        mfu = 100 * (achieved / self.peak)  # achieved <= peak: at most 100 exactly (100 * a / a is not)
         self.mfus.append(mfu)
         self.step_fields = {
             "loss": f"{shown_loss:.4f}",
