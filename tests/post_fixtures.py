@@ -7,6 +7,7 @@ Shared by the mid/SFT/RL and chat-eval tests (not a test module itself).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,19 @@ def corpus() -> list[str]:
                 parts = [content] if isinstance(content, str) else [p["text"] for p in content]
                 texts.extend(parts)
     return texts
+
+
+def tokenizer_and_shards(shards: Path) -> None:
+    """Train the tiny tokenizer into $PICOCHAT_HOME and write the corpus as 3 pretraining shards to
+    `shards` (row groups of 40 texts, so a resumed loader continues inside a shard)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = corpus()
+    Tokenizer.train_from_iterator(texts, VOCAB).save(get_base_dir() / "tokenizer")
+    shards.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"text": texts[i::3]}), shards / f"shard_{i:05d}.parquet", row_group_size=40)
 
 
 def tiny_config(vocab_size: int, sequence_len: int = 256) -> GPTConfig:

@@ -13,18 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
-from post_fixtures import corpus
+from post_fixtures import tokenizer_and_shards
 from safetensors.torch import load_file
 
 from picochat import cli
 from picochat.checkpoint import checkpoint_dir_for, list_steps, step_dir
-from picochat.common import get_base_dir
-from picochat.tokenizer import Tokenizer, get_tokenizer
+from picochat.tokenizer import get_tokenizer
 
 SITE = str(Path(transformers.__file__).resolve().parents[1])  # the venv's site-packages
 REPO = Path(__file__).resolve().parents[1]
@@ -47,12 +44,8 @@ def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PICOCHAT_HOME", str(root / "home"))
-        texts = corpus()
-        Tokenizer.train_from_iterator(texts, 600).save(get_base_dir() / "tokenizer")
         shards = root / "shards"
-        shards.mkdir()
-        for i in range(3):
-            pq.write_table(pa.table({"text": texts[i::3]}), shards / f"shard_{i:05d}.parquet")
+        tokenizer_and_shards(shards)
         assert cli.main([*BASE, "--source", str(shards)]) == 0
         assert cli.main(SFT) == 0
     return root / "home"

@@ -163,21 +163,11 @@ def test_accumulation_all_reduces_once_per_step(tmp_path, compiled):
 @pytest.fixture
 def tiny_run(tmp_path, monkeypatch):
     """A PICOCHAT_HOME with a tiny tokenizer, a 3-shard corpus folder, and the flags of a tiny run."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from post_fixtures import corpus
-
-    from picochat.common import get_base_dir
-    from picochat.tokenizer import Tokenizer
+    from post_fixtures import tokenizer_and_shards
 
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
-    texts = corpus()
-    Tokenizer.train_from_iterator(texts, 600).save(get_base_dir() / "tokenizer")
     shards = tmp_path / "shards"
-    shards.mkdir()
-    for i in range(3):
-        table = pa.table({"text": texts[i::3]})
-        pq.write_table(table, shards / f"shard_{i:05d}.parquet", row_group_size=40)
+    tokenizer_and_shards(shards)
     flags = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64"]
     flags += ["--device-batch-size", "2", "--total-batch-size", "256", "--num-iterations", "12"]
     flags += ["--eval-every", "6", "--eval-tokens", "512", "--sample-every", "0", "--save-every", "6"]
