@@ -7,8 +7,8 @@ kept lean because on a small model it is dominated by per-step overhead, not ari
 is preallocated (`picochat.gpt.KVCache`, written in place), logits are computed for the last position
 only and by `picochat.decode_head.DecodeHead` (the lm_head weight in the layout fastest for the batch
 size), the model's rotary tables are precomputed, everything runs under `torch.inference_mode`, sampling
-is one batched `picochat.sampling.BatchSampler` call, and the Python work per step is one short loop
-over rows.
+is one batched `picochat.sampling.BatchSampler` call that also applies the logits' soft-cap (to the
+top-k candidates only where it can), and the Python work per step is one short loop over rows.
 
 The pieces shared with the continuous-batching server (picochat/serve/batching.py):
   - `RowState`: the per-row state machine: forced tokens, tool calls, stop tokens, the token budget.
@@ -202,11 +202,17 @@ class Engine:
     def last_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Append `ids` (B, T) to `cache` and return the logits (B, V) of each row's last token (the
         lm_head runs on that position only: for a prompt, the other positions' logits would cost more
-        than the whole rest of the model)."""
+        than the whole rest of the model). They are the logits before the model's soft-cap: the
+        engine's samplers (`self.sampler`) apply it, to the top-k candidates only where they can."""
         # bf16 on GPU, as in training (a fresh context each call: autocast objects are not reentrant)
         cuda = self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
-            return self.model(ids, kv_cache=cache, last_only=True, head=self.head)[:, -1, : self.vocab_size]
+            logits = self.model(ids, kv_cache=cache, last_only=True, head=self.head, capped=False)
+            return logits[:, -1, : self.vocab_size]
+
+    def sampler(self, capacity: int) -> BatchSampler:
+        """A sampler for `capacity` rows of this engine's `last_logits` (it applies the soft-cap)."""
+        return BatchSampler(capacity, self.vocab_size, self.device, softcap=self.model.config.softcap)
 
     def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, KVCache]:
         """Run a prompt through the model, PREFILL_CHUNK tokens at a time: its last logits (1, V) and a
@@ -237,7 +243,7 @@ class Engine:
             return
         if not tokens:
             raise ValueError("the prompt is empty; give at least one token (e.g. <|bos|>)")
-        sampler = BatchSampler(num_samples, self.vocab_size, self.device)
+        sampler = self.sampler(num_samples)
         rng = random.Random(params.seed)  # one stream of random numbers for all rows: reproducible
         slots = list(range(num_samples))
         for slot in slots:

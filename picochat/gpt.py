@@ -234,6 +234,11 @@ class KVCache:
         self.pos[rows] = src.pos
 
 
+def soft_cap(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """The model's logit soft-cap: softcap * tanh(logits / softcap), squashing logits into (-cap, cap)."""
+    return softcap * torch.tanh(logits / softcap)
+
+
 # The x0 scalars' start: a little of the token embedding re-enters the residual stream at every block.
 X0_LAMBDA_INIT = 0.1
 
@@ -355,11 +360,14 @@ class GPT(nn.Module):
         loss_reduction: str = "mean",
         last_only: bool = False,
         head: Any = None,
+        capped: bool = True,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32, or with `targets` (B, T) the cross-entropy loss.
 
         `last_only` (inference): logits (B, 1, vocab) of the last position only. `head` (inference):
         a callable computing lm_head(x) in its place (picochat.decode_head keeps faster weight layouts).
+        `capped=False` (inference): the logits before the soft-cap, for a sampler that applies it
+        itself, to its top-k candidates only (picochat.sampling.BatchSampler with `softcap`).
 
         Targets equal to -1 are ignored (masked chat training). loss_reduction: "mean" (over counted
         tokens), "sum", or "none" (per-token losses (B, T), 0 at ignored tokens). With a `kv_cache`
@@ -393,13 +401,15 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         if last_only and targets is None:
             x = x[:, -1:]
-        return self._logits(x, head) if targets is None else self._loss(x, targets, loss_reduction)
+        if targets is None:
+            return self._logits(x, head, capped)
+        return self._loss(x, targets, loss_reduction)
 
-    def _logits(self, x: torch.Tensor, head: Any = None) -> torch.Tensor:
-        softcap, logits = self.config.softcap, (head or self.lm_head)(x)
+    def _logits(self, x: torch.Tensor, head: Any = None, capped: bool = True) -> torch.Tensor:
+        logits = (head or self.lm_head)(x)
         if logits.size(-1) != self.config.vocab_size:  # padding rows are no tokens: never sampled
             logits = logits[..., : self.config.vocab_size]
-        return softcap * torch.tanh(logits.float() / softcap)
+        return soft_cap(logits.float(), self.config.softcap) if capped else logits.float()
 
     @torch.compiler.disable  # a chunk loop with out= buffers: left eager when the model is compiled
     def _loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:

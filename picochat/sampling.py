@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from picochat.gpt import soft_cap
+
 GREEDY_BELOW = 1e-5  # temperatures under this are treated as 0 (greedy)
 MAX_TOP_LOGPROBS = 20
 
@@ -128,8 +130,16 @@ def token_logprob(
 class BatchSampler:
     """Per-row sampling state for up to `capacity` rows (slots) and the batched `sample` of a step."""
 
-    def __init__(self, capacity: int, vocab_size: int, device: torch.device | str) -> None:
+    def __init__(
+        self, capacity: int, vocab_size: int, device: torch.device | str, softcap: float | None = None
+    ) -> None:
+        """`softcap`: the logits `sample` gets are the model's before its soft-cap, which the sampler
+        applies itself (picochat.gpt.soft_cap): when every row samples from a top-k with no logit
+        adjustment and no logprobs, to the top-k candidates only. tanh is monotonic, so the raw logits'
+        top-k are the capped ones'; this skips a tanh over the whole (rows x vocab) matrix per step
+        (about 1 ms of a 25 ms step at batch 8, vocab 32,768 on this project's CPU)."""
         self.capacity, self.vocab_size, self.device = capacity, vocab_size, torch.device(device)
+        self.softcap = softcap
         self.params: list[SamplingParams | None] = [None] * capacity
         self.rngs: list[random.Random | None] = [None] * capacity
         # Allocated on first use: the additive logit adjustment (bias + penalties) and which tokens
@@ -176,6 +186,11 @@ class BatchSampler:
         params ask for logprobs, what the model gave the chosen token and its top alternatives."""
         logits = logits.float()
         params = [self.params[s] for s in slots]
+        cap_candidates = self.softcap is not None and all(
+            p.temperature != 0.0 and p.top_k and not p.adjusts_logits and not p.logprobs for p in params
+        )
+        if self.softcap is not None and not cap_candidates:
+            logits = soft_cap(logits, self.softcap)
         raw = logits
         if self.adjust is not None and any(p.adjusts_logits for p in params):
             logits = logits + self.adjust[slots]
@@ -191,12 +206,16 @@ class BatchSampler:
             rows = [i for i, p in enumerate(params) if p.temperature != 0.0 and bool(p.top_k) == with_top_k]
             if rows:
                 group = logits if len(rows) == len(slots) else logits[rows]
-                picked = self._draw(group, [slots[i] for i in rows], with_top_k)
+                cap = self.softcap if cap_candidates else None
+                picked = self._draw(group, [slots[i] for i in rows], with_top_k, cap)
                 for i, token in zip(rows, picked, strict=True):
                     tokens[i] = token
         return tokens, self._logprobs(raw, params, tokens)
 
-    def _draw(self, logits: torch.Tensor, slots: list[int], with_top_k: bool) -> list[int]:
+    def _draw(
+        self, logits: torch.Tensor, slots: list[int], with_top_k: bool, cap: float | None = None
+    ) -> list[int]:
+        """Each row's token; `cap`: soft-cap the top-k candidates (the logits are raw)."""
         params = [self.params[s] for s in slots]
         temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
         top_p = [p.top_p for p in params]
@@ -204,6 +223,8 @@ class BatchSampler:
         if with_top_k:
             ks = [min(p.top_k, logits.size(-1)) for p in params]
             logits, candidates = torch.topk(logits, max(ks), dim=-1)  # sorted, most likely first
+            if cap is not None:
+                logits = soft_cap(logits, cap)
             if min(ks) < max(ks):
                 limit = torch.tensor(ks, device=logits.device)[:, None]
                 columns = torch.arange(logits.size(-1), device=logits.device)

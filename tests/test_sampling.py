@@ -154,3 +154,31 @@ def test_rounding_never_picks_a_token_outside_the_filters():
     sampler.rngs[0] = AlmostOne()
     logits = torch.tensor([[5.0, 4.0] + [-30.0] * (V - 2)])
     assert sampler.sample(logits, [0])[0][0] in (0, 1)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [SamplingParams(top_k=5, seed=1), SamplingParams(top_k=20, temperature=0.7, seed=2)],  # cap late
+        [SamplingParams(top_k=5, seed=1), SamplingParams(temperature=0.0)],  # greedy: cap everything
+        [SamplingParams(top_k=5, seed=1, logprobs=True, top_logprobs=3)],
+        [SamplingParams(top_k=5, seed=1, presence_penalty=1.0), SamplingParams(top_p=0.9, seed=3)],
+    ],
+)
+def test_a_sampler_given_raw_logits_applies_the_soft_cap_itself(rows):
+    """With `softcap`, the sampler takes the logits before the model's soft-cap: its tokens and
+    logprobs equal those of a plain sampler given the capped logits, step after step (penalties
+    included), whether it caps only the top-k candidates or the whole vocabulary."""
+    from picochat.gpt import soft_cap
+
+    raw = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(0)) * 40  # many saturate
+    late = BatchSampler(len(rows), V, "cpu", softcap=15.0)
+    plain = sampler_for(*rows)
+    for slot, p in enumerate(rows):
+        late.assign(slot, p)
+    slots = list(range(len(rows)))
+    for _ in range(20):
+        tokens, logprobs = late.sample(raw, slots)
+        assert (tokens, logprobs) == plain.sample(soft_cap(raw, 15.0), slots)
+        late.observe(slots, tokens)
+        plain.observe(slots, tokens)

@@ -48,7 +48,7 @@ from picochat.engine import (
     prompt_budget,
 )
 from picochat.gpt import KVCache
-from picochat.sampling import BatchSampler, Logprobs, measure_logprobs, token_logprob
+from picochat.sampling import Logprobs, measure_logprobs, token_logprob
 from picochat.serve.backend import Delta, QueueFullError, SamplingParams, ShuttingDownError, TokenLogprob
 
 log = logging.getLogger("picochat.serve")
@@ -172,7 +172,7 @@ class ContinuousBatchingBackend:
         self.max_context = engine.max_context
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.cache = KVCache.for_model(engine.model, max_batch_size, engine.max_context)
-        self.sampler = BatchSampler(max_batch_size, engine.vocab_size, engine.device)
+        self.sampler = engine.sampler(max_batch_size)
         self.slots: list[_Request | None] = [None] * max_batch_size
         self._waiting: deque[_Request] = deque()
         self._jobs: deque[_Job] = deque()
