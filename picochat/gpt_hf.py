@@ -1,15 +1,21 @@
 """The GPT in Hugging Face transformers' terms: `NanoChatForCausalLM` is the same (plain) architecture
 under other names; these map picochat's config and weight names onto it (used by `picochat export` and
-`picochat import`). Models with architecture extras (`picochat.gpt.architecture_extras`) have no
-transformers equivalent.
+`picochat import`). Value embeddings, residual/x0 scalars and a QK scale are expressed by
+picochat.hf_modeling (transformers remote code an export ships with the model): hf_config then adds
+their fields and hf_state_dict_mapping their weights. Sliding windows have no transformers form.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from picochat.attention import has_value_embed
+
 if TYPE_CHECKING:
     from picochat.gpt import GPTConfig
+
+# The architecture extras picochat.hf_modeling implements (PicochatConfig fields of the same names).
+REMOTE_CODE_EXTRAS = ("value_embeds", "resid_scalars", "qk_scale")
 
 
 def hf_config(config: GPTConfig) -> dict[str, Any]:
@@ -18,6 +24,9 @@ def hf_config(config: GPTConfig) -> dict[str, Any]:
     An exporter adds the tokenizer's bos_token_id / eos_token_id / pad_token_id. Rotary tables are not
     weights: transformers recomputes them from rope_theta (same frequencies, same half-split pairing).
     """
+    from picochat.gpt import architecture_extras  # gpt imports this module
+
+    extras = architecture_extras(config)
     return {
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
@@ -32,6 +41,7 @@ def hf_config(config: GPTConfig) -> dict[str, Any]:
         "final_logit_softcapping": config.softcap,
         "attention_bias": False,
         "tie_word_embeddings": False,
+        **{name: getattr(config, name) for name in REMOTE_CODE_EXTRAS if name in extras},
     }
 
 
@@ -56,4 +66,10 @@ def hf_state_dict_mapping(config: GPTConfig) -> dict[str, str]:
     for i in range(config.n_layer):
         for ours, theirs in per_layer.items():
             mapping[f"transformer.h.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+        if has_value_embed(config, i):  # picochat.hf_modeling.ValueWithEmbedding is that layer's v_proj
+            value = f"model.layers.{i}.self_attn.v_proj"
+            mapping[f"transformer.h.{i}.attn.ve_gate.weight"] = f"{value}.ve_gate.weight"
+            mapping[f"value_embeds.{i}.weight"] = f"{value}.value_embed.weight"
+    if config.resid_scalars:
+        mapping |= {"resid_lambdas": "model.resid_lambdas", "x0_lambdas": "model.x0_lambdas"}
     return mapping

@@ -23,6 +23,7 @@ from picochat.checkpoint import STAGES, checkpoint_dir_for, find_model_tag, load
 from picochat.checkpoint_checks import model_config as parse_model_config
 from picochat.common import PicochatError, atomic_write_json, atomic_write_text, get_base_dir, run_cli
 from picochat.gpt import EXTRA_FIELDS, GPTConfig, architecture_extras, hf_config, hf_state_dict_mapping
+from picochat.gpt_hf import REMOTE_CODE_EXTRAS
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
 
 # The GPTConfig fields NanoChatForCausalLM can express (hf_config maps each one). A new field added to
@@ -109,12 +110,15 @@ def tokenizer_json(tokenizer: Tokenizer) -> str:
 
 
 def check_exportable(config: GPTConfig) -> None:
-    """Refuse a model using a setting NanoChatForCausalLM cannot express, naming the setting."""
+    """Refuse a model using a setting neither NanoChatForCausalLM nor picochat's exported model code
+    (picochat.hf_modeling) can express, naming the setting. A padded vocabulary exports unpadded."""
     for name, value in architecture_extras(config).items():
+        if name in REMOTE_CODE_EXTRAS or name == "vocab_multiple":
+            continue
         raise PicochatError(
-            f"--{name.replace('_', '-')} ({name}={value!r}) is an architecture extra transformers' "
-            "NanoChatForCausalLM cannot express; only the plain architecture (the default, trained "
-            "without that flag) exports"
+            f"--{name.replace('_', '-')} ({name}={value!r}) is an architecture extra transformers cannot "
+            "express (NanoChatForCausalLM, or picochat's exported code for value embeddings, residual "
+            "scalars and QK scale); export a model trained without that flag"
         )
     for field in dataclasses.fields(GPTConfig):
         if field.name in EXTRA_FIELDS:  # judged above: a setting that changes nothing is plain
@@ -127,7 +131,19 @@ def check_exportable(config: GPTConfig) -> None:
             )
 
 
+def remote_code_extras(config: GPTConfig) -> list[str]:
+    """The extras of `config` that need picochat's model code in the export (empty: plain NanoChat)."""
+    return [name for name in REMOTE_CODE_EXTRAS if name in architecture_extras(config)]
+
+
+def unpadded(name: str, tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    """A tensor with a row per vocabulary id cut to the real vocabulary (padding rows are no tokens)."""
+    per_token = name in ("transformer.wte.weight", "lm_head.weight") or name.startswith("value_embeds.")
+    return tensor[: config.vocab_size] if per_token else tensor
+
+
 def _model_card(stage: str, model_tag: str, step: int, config: GPTConfig) -> str:
+    remote = ", trust_remote_code=True" if remote_code_extras(config) else ""
     lines = [
         "---",
         "library_name: transformers",
@@ -136,7 +152,13 @@ def _model_card(stage: str, model_tag: str, step: int, config: GPTConfig) -> str
         "---",
         f"# picochat {model_tag} ({stage}, step {step})",
         "",
-        "A small chat model trained with picochat, exported as transformers' `NanoChatForCausalLM`.",
+        "A small chat model trained with picochat, exported as transformers' `NanoChatForCausalLM`"
+        + (
+            f" plus picochat's {', '.join(remote_code_extras(config))} (code in modeling_picochat.py: "
+            "load with `trust_remote_code=True`)."
+            if remote_code_extras(config)
+            else "."
+        ),
         "",
         f"Shape: {config.n_layer} layers, width {config.n_embd}, {config.n_head} heads "
         f"({config.n_kv_head} key/value), vocabulary {config.vocab_size}, context {config.sequence_len}.",
@@ -166,7 +188,8 @@ def _model_card(stage: str, model_tag: str, step: int, config: GPTConfig) -> str
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "tok = AutoTokenizer.from_pretrained(PATH); model = AutoModelForCausalLM.from_pretrained(PATH)",
+        "tok = AutoTokenizer.from_pretrained(PATH)",
+        f"model = AutoModelForCausalLM.from_pretrained(PATH{remote})",
         'ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, '
         'return_tensors="pt", return_dict=True)',
         "out = model.generate(**ids, max_new_tokens=64, do_sample=False)",
@@ -183,7 +206,7 @@ def write_export(
     special = tokenizer.get_special_tokens()
     bos, end = special["<|bos|>"], special["<|assistant_end|>"]
     mapping = hf_state_dict_mapping(config)
-    tensors = {mapping[k]: v.detach().cpu().contiguous() for k, v in state.items()}
+    tensors = {mapping[k]: unpadded(k, v, config).detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     hf = {
@@ -195,6 +218,17 @@ def write_export(
         "eos_token_id": end,
         "pad_token_id": bos,
     }
+    if remote_code_extras(config):  # transformers builds it from the shipped code (trust_remote_code)
+        hf |= {
+            "architectures": ["PicochatForCausalLM"],
+            "model_type": "picochat",
+            "auto_map": {
+                "AutoConfig": "modeling_picochat.PicochatConfig",
+                "AutoModelForCausalLM": "modeling_picochat.PicochatForCausalLM",
+            },
+        }
+        code = (Path(__file__).parent / "hf_modeling.py").read_text(encoding="utf-8")
+        atomic_write_text(folder / "modeling_picochat.py", code)
     atomic_write_json(folder / "config.json", hf)
     generation = {"bos_token_id": bos, "eos_token_id": [end, bos], "pad_token_id": bos, "do_sample": False}
     if config.vocab_size > tokenizer.get_vocab_size():  # a padded lm_head: ids with no token, never sampled

@@ -115,6 +115,50 @@ def test_chat_template_ids_match_render_for_completion(tokenizer, hf_tok, messag
     assert list(ids) == tokenizer.render_for_completion({"messages": messages})
 
 
+@pytest.mark.parametrize(
+    "extras",
+    [
+        {"value_embeds": True},
+        {"resid_scalars": True, "qk_scale": 1.3},
+        {"value_embeds": True, "resid_scalars": True, "vocab_multiple": 64},
+    ],
+    ids=["value_embeds", "scalars_qk_scale", "all_padded"],
+)
+def test_architecture_extras_export_with_their_code_and_match(tmp_path, tokenizer, extras):
+    """Value embeddings, residual/x0 scalars and a QK scale load through the shipped
+    modeling_picochat.py (trust_remote_code) with the same logits and greedy tokens; a padded
+    vocabulary exports unpadded."""
+    config = GPTConfig(
+        sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+        **extras,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():  # the extras' weights too: a dropped one changes the logits
+            p.normal_(0.0, 0.3)
+    write_export(tmp_path, model.state_dict(), config, tokenizer, "card\n")
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "picochat"
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, trust_remote_code=True
+    ).eval()
+    assert type(hf).__name__ == "PicochatForCausalLM"
+    assert hf.lm_head.weight.size(0) == tokenizer.get_vocab_size()
+    idx = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=1e-4)
+        ours = idx[:1]
+        for _ in range(12):
+            ours = torch.cat([ours, model(ours)[:, -1:].argmax(-1)], dim=1)
+        theirs = hf.generate(  # with transformers' KV cache: the value embeddings follow the new ids
+            idx[:1], max_new_tokens=12, do_sample=False, eos_token_id=None, min_new_tokens=12
+        )
+    assert theirs.tolist() == ours.tolist()
+
+
 def test_unsupported_setting_is_refused_by_name(monkeypatch):
     import picochat.hf_export as hf_export
 
