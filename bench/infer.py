@@ -7,6 +7,8 @@ tokens/s at batch 1, 8 and 32 (num_samples rows sharing one prefill). Each figur
 torch.profiler table of the decode steps at batch 8: where the time goes. `--floor` adds, per batch,
 the memory floor of a step: the bytes it must read (weights and cached keys/values) over the read
 speed measured just then, which bounds the decode speed of any implementation at that precision.
+`--compile` also times the forward under torch.compile (dynamic shapes), interleaved with eager, and
+prints what compiling cost the first reply of each batch size.
 
 This prints picochat's own figures only; comparisons with nanochat come from bench/peer.py, which runs
 both side by side on the same machine in one run.
@@ -144,6 +146,11 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of decoding")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the model's forward under torch.compile(dynamic=True), interleaved with eager",
+    )
+    parser.add_argument(
         "--floor",
         action="store_true",
         help="also print each batch's memory floor: the bytes a step must read over the measured read speed",
@@ -163,6 +170,18 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens"
     )
     timed_generation(engine, prompt, 8, min(16, args.new_tokens))  # warm-up: first-call allocations, kernels
+    forwards = {"": engine.model.forward}
+    if args.compile:  # the lm_head (DecodeHead) stays eager inside the compiled forward
+        forwards = {
+            "eager ": engine.model.forward,
+            "compiled ": torch.compile(engine.model.forward, dynamic=True),
+        }
+        for batch in args.batches:
+            engine.model.forward = forwards["compiled "]
+            start = time.perf_counter()
+            timed_generation(engine, prompt, batch, min(16, args.new_tokens))
+            took = time.perf_counter() - start
+            print(f"compiled: batch {batch}'s first 16 tokens (compiling) took {took:.1f} s")
 
     prefill = [time_prefill(engine, prompt) for _ in range(args.repeats)]
     print(
@@ -170,14 +189,20 @@ def main() -> None:
         f"{args.prompt_tokens / min(prefill):,.0f} best ({statistics.median(prefill) * 1e3:.1f} ms)"
     )
     for batch in args.batches:
-        runs = [timed_generation(engine, prompt, batch, args.new_tokens) for _ in range(args.repeats)]
-        ttft = statistics.median(r[0] for r in runs)
-        rates = [r[1] for r in runs]
-        median, best = statistics.median(rates), max(rates)
-        print(
-            f"batch {batch}: decode {median:,.0f} tokens/s median, {best:,.0f} best "
-            f"({1e3 * batch / median:.2f} ms/step); time to first token {ttft * 1e3:.1f} ms"
-        )
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in forwards}
+        for _ in range(args.repeats):  # variants take turns, so they see the same machine load
+            for name, forward in forwards.items():
+                engine.model.forward = forward
+                runs[name].append(timed_generation(engine, prompt, batch, args.new_tokens))
+        for name in forwards:
+            ttft = statistics.median(r[0] for r in runs[name])
+            rates = [r[1] for r in runs[name]]
+            median, best = statistics.median(rates), max(rates)
+            print(
+                f"{name}batch {batch}: decode {median:,.0f} tokens/s median, {best:,.0f} best "
+                f"({1e3 * batch / median:.2f} ms/step); time to first token {ttft * 1e3:.1f} ms"
+            )
+        engine.model.forward = forwards[next(iter(forwards))]
         if args.floor:  # the mean cached span of a reply: the prompt plus half the new tokens
             needed = step_bytes(engine, batch, args.prompt_tokens + args.new_tokens / 2)
             bandwidth = read_bandwidth()

@@ -55,7 +55,8 @@ class DecodeHead:
             return "transposed"
         return "onednn" if _onednn_available() else "rowmajor"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.compiler.disable  # a compiled forward (bench/infer.py --compile) runs it eager: inductor
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # cannot trace mkldnn._linear_pointwise
         weight = self.model.lm_head.weight[: self.vocab_size]
         rows = x.numel() // x.size(-1)
         kind = self.layout(rows)
