@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from picochat.checkpoint import STAGES, checkpoint_dir_for, list_steps, save_checkpoint
 from picochat.common import PicochatError, run_cli
 from picochat.gpt import GPT, GPTConfig, hf_config, hf_state_dict_mapping
+from picochat.gpt_hf import REMOTE_CODE_EXTRAS
 from picochat.hf_tokenizer import tokenizer_from_hf
 from picochat.tokenizer import Tokenizer, tokenizer_dir
 
@@ -73,12 +74,15 @@ def _read_json(path: Path) -> Any:
 
 def gpt_config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     """The GPTConfig whose hf_config is `hf`; refuses (naming the key) any setting picochat lacks."""
-    if not isinstance(hf, dict) or hf.get("model_type") != "nanochat":
+    # "picochat": an export with architecture extras (its modeling_picochat.py is never run here)
+    if not isinstance(hf, dict) or hf.get("model_type") not in ("nanochat", "picochat"):
         kind = hf.get("model_type") if isinstance(hf, dict) else hf
         raise PicochatError(f"model_type is {kind!r}; only transformers NanoChat models import")
-    architectures = hf.get("architectures") or ["NanoChatForCausalLM"]
-    if architectures != ["NanoChatForCausalLM"]:
-        raise PicochatError(f"architectures is {architectures!r}; only NanoChatForCausalLM imports")
+    extras = hf.get("model_type") == "picochat"
+    expected = ["PicochatForCausalLM"] if extras else ["NanoChatForCausalLM"]
+    architectures = hf.get("architectures") or expected
+    if architectures != expected:
+        raise PicochatError(f"architectures is {architectures!r}; only {expected[0]} imports")
     if hf.get("rope_scaling"):
         raise PicochatError(
             f"config.json has rope_scaling={hf['rope_scaling']!r}; picochat has plain rotary only"
@@ -107,6 +111,7 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> GPTConfig:
             rope_theta=setting("rope_theta", float),
             softcap=setting("final_logit_softcapping", float),
             norm_eps=setting("rms_norm_eps", float),
+            **({name: extra_setting(hf, name) for name in REMOTE_CODE_EXTRAS if name in hf} if extras else {}),
         )
     except ValueError as e:  # GPTConfig's own checks (heads dividing the width, softcap range, ...)
         raise PicochatError(f"config.json describes a model picochat cannot build ({e})") from e
@@ -118,6 +123,14 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> GPTConfig:
         if hf[key] != value:
             raise PicochatError(f"config.json has {key}={hf[key]!r}; picochat models need {value!r}")
     return config
+
+
+def extra_setting(hf: dict[str, Any], name: str) -> bool | float:
+    """An architecture extra of a picochat export's config.json: a bool, or the float qk_scale."""
+    value, kind = hf[name], float if name == "qk_scale" else bool
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float)):
+        raise PicochatError(f"config.json has {name}={value!r}; picochat needs a {kind.__name__} here")
+    return kind(value)
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -104,6 +104,28 @@ def test_a_republished_folder_imports_identically(folder, export):
     assert all(torch.equal(weights[k], v) for k, v in export[2].items())
 
 
+def test_an_export_with_architecture_extras_imports_back_identically(tmp_path, monkeypatch):
+    """Value embeddings, residual/x0 scalars and a QK scale survive export -> import: same config, same
+    weights (the shipped modeling_picochat.py is read by transformers only, never run by the import)."""
+    monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
+    tokenizer = Tokenizer.train_from_iterator(TEXTS, vocab_size=400)
+    config = GPTConfig(
+        sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=1,
+        n_embd=32, value_embeds=True, resid_scalars=True, qk_scale=1.25,
+    )  # fmt: skip
+    state = random_model(config).state_dict()
+    (tmp_path / "out").mkdir()
+    write_export(tmp_path / "out", state, config, tokenizer, "card\n")
+    assert import_main([str(tmp_path / "out")]) == 0
+    model, _, _ = load_model("imported", "d1", device="cpu")
+    assert model.config == config
+    weights = _imported_weights()
+    assert weights.keys() == state.keys() and all(torch.equal(weights[k], v) for k, v in state.items())
+    _edit(tmp_path / "out" / "config.json", lambda c: c.update(value_embeds="yes"))
+    with pytest.raises(PicochatError, match="value_embeds='yes'; picochat needs a bool"):
+        import_main([str(tmp_path / "out"), "--model-tag", "again"])
+
+
 def test_sharded_weights_import(folder, export):
     tensors = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
