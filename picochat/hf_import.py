@@ -111,7 +111,7 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> GPTConfig:
             rope_theta=setting("rope_theta", float),
             softcap=setting("final_logit_softcapping", float),
             norm_eps=setting("rms_norm_eps", float),
-            **({name: extra_setting(hf, name) for name in REMOTE_CODE_EXTRAS if name in hf} if extras else {}),
+            **{name: extra_setting(hf, name) for name in REMOTE_CODE_EXTRAS if extras and name in hf},
         )
     except ValueError as e:  # GPTConfig's own checks (heads dividing the width, softcap range, ...)
         raise PicochatError(f"config.json describes a model picochat cannot build ({e})") from e
