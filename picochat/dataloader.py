@@ -244,6 +244,12 @@ class TokenBatchLoader:
         self.close()
 
     def close(self) -> None:
-        """Stop the background thread (it also stops by itself when the process ends)."""
+        """Stop the background threads and wait for them. The wait is bounded (the producer checks the
+        stop flag after each unit it tokenizes, the batch assembled ahead is one batch), and it is
+        needed: a daemon thread still inside the tokenizer's native code when the interpreter exits
+        aborts the process ("terminate called without an active exception", exit status 134), which
+        a heavily loaded machine once turned into a failed run after its checkpoint was written."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join()
+        if self._ahead is not None:
+            self._ahead[0].join()
