@@ -170,11 +170,12 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens"
     )
     timed_generation(engine, prompt, 8, min(16, args.new_tokens))  # warm-up: first-call allocations, kernels
-    forwards = {"": engine.model.forward}
+    eager = engine.model.forward
+    forwards = {"": eager}
     if args.compile:  # the lm_head (DecodeHead) stays eager inside the compiled forward
         forwards = {
-            "eager ": engine.model.forward,
-            "compiled ": torch.compile(engine.model.forward, dynamic=True),
+            "eager ": eager,
+            "compiled ": torch.compile(eager, dynamic=True),
         }
         for batch in args.batches:
             engine.model.forward = forwards["compiled "]
@@ -202,7 +203,7 @@ def main() -> None:
                 f"{name}batch {batch}: decode {median:,.0f} tokens/s median, {best:,.0f} best "
                 f"({1e3 * batch / median:.2f} ms/step); time to first token {ttft * 1e3:.1f} ms"
             )
-        engine.model.forward = forwards[next(iter(forwards))]
+        engine.model.forward = eager
         if args.floor:  # the mean cached span of a reply: the prompt plus half the new tokens
             needed = step_bytes(engine, batch, args.prompt_tokens + args.new_tokens / 2)
             bandwidth = read_bandwidth()

@@ -18,15 +18,19 @@ if TYPE_CHECKING:
 REMOTE_CODE_EXTRAS = ("value_embeds", "resid_scalars", "qk_scale")
 
 
+def remote_code_extras(config: GPTConfig) -> list[str]:
+    """The extras of `config` that need picochat.hf_modeling in an export (empty: plain NanoChat)."""
+    from picochat.gpt import architecture_extras  # gpt imports this module
+
+    return [name for name in REMOTE_CODE_EXTRAS if name in architecture_extras(config)]
+
+
 def hf_config(config: GPTConfig) -> dict[str, Any]:
     """Keyword arguments of transformers' `NanoChatConfig` describing the same model.
 
     An exporter adds the tokenizer's bos_token_id / eos_token_id / pad_token_id. Rotary tables are not
     weights: transformers recomputes them from rope_theta (same frequencies, same half-split pairing).
     """
-    from picochat.gpt import architecture_extras  # gpt imports this module
-
-    extras = architecture_extras(config)
     return {
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
@@ -41,7 +45,7 @@ def hf_config(config: GPTConfig) -> dict[str, Any]:
         "final_logit_softcapping": config.softcap,
         "attention_bias": False,
         "tie_word_embeddings": False,
-        **{name: getattr(config, name) for name in REMOTE_CODE_EXTRAS if name in extras},
+        **{name: getattr(config, name) for name in remote_code_extras(config)},
     }
 
 

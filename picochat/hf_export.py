@@ -23,7 +23,7 @@ from picochat.checkpoint import STAGES, checkpoint_dir_for, find_model_tag, load
 from picochat.checkpoint_checks import model_config as parse_model_config
 from picochat.common import PicochatError, atomic_write_json, atomic_write_text, get_base_dir, run_cli
 from picochat.gpt import EXTRA_FIELDS, GPTConfig, architecture_extras, hf_config, hf_state_dict_mapping
-from picochat.gpt_hf import REMOTE_CODE_EXTRAS
+from picochat.gpt_hf import REMOTE_CODE_EXTRAS, remote_code_extras
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
 
 # The GPTConfig fields NanoChatForCausalLM can express (hf_config maps each one). A new field added to
@@ -131,11 +131,6 @@ def check_exportable(config: GPTConfig) -> None:
             )
 
 
-def remote_code_extras(config: GPTConfig) -> list[str]:
-    """The extras of `config` that need picochat's model code in the export (empty: plain NanoChat)."""
-    return [name for name in REMOTE_CODE_EXTRAS if name in architecture_extras(config)]
-
-
 def unpadded(name: str, tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor:
     """A tensor with a row per vocabulary id cut to the real vocabulary (padding rows are no tokens)."""
     per_token = name in ("transformer.wte.weight", "lm_head.weight") or name.startswith("value_embeds.")
@@ -143,7 +138,8 @@ def unpadded(name: str, tensor: torch.Tensor, config: GPTConfig) -> torch.Tensor
 
 
 def _model_card(stage: str, model_tag: str, step: int, config: GPTConfig) -> str:
-    remote = ", trust_remote_code=True" if remote_code_extras(config) else ""
+    extras = remote_code_extras(config)
+    remote = ", trust_remote_code=True" if extras else ""
     lines = [
         "---",
         "library_name: transformers",
@@ -154,9 +150,9 @@ def _model_card(stage: str, model_tag: str, step: int, config: GPTConfig) -> str
         "",
         "A small chat model trained with picochat, exported as transformers' `NanoChatForCausalLM`"
         + (
-            f" plus picochat's {', '.join(remote_code_extras(config))} (code in modeling_picochat.py: "
+            f" plus picochat's {', '.join(extras)} (code in modeling_picochat.py: "
             "load with `trust_remote_code=True`)."
-            if remote_code_extras(config)
+            if extras
             else "."
         ),
         "",

@@ -38,7 +38,8 @@ class PicochatConfig(NanoChatConfig):
 
 
 def has_value_embed(config: PicochatConfig, layer_idx: int) -> bool:
-    """Every other layer, counted back from the last (which always has one): picochat's rule."""
+    """Every other layer, counted back from the last (which always has one). The same rule as
+    picochat.attention.has_value_embed, restated because this file must not import picochat."""
     return config.value_embeds and layer_idx % 2 == (config.num_hidden_layers - 1) % 2
 
 
