@@ -39,14 +39,19 @@ def config_with(**overrides) -> GPTConfig:
     return GPTConfig(**{**shape, **overrides})
 
 
-def test_every_switch_is_off_by_default_and_the_plain_model_has_no_extras():
+def test_the_config_is_plain_by_default_and_the_plain_model_has_no_extras():
     plain = config_with()
     assert architecture_extras(plain) == {}
     model = GPT(plain)
     assert not hasattr(model, "value_embeds") and not hasattr(model, "resid_lambdas")
     assert model.lm_head.weight.shape[0] == VOCAB and model.windows == {None}
-    args = base.build_parser().parse_args([])
-    assert GPTConfig(**flags.architecture_config(args)) == GPTConfig()
+
+
+def test_train_base_adopts_value_embeddings_and_the_plain_model_is_one_switch_away():
+    adopted = GPTConfig(**flags.architecture_config(base.build_parser().parse_args([])))
+    assert architecture_extras(adopted) == {"value_embeds": True}
+    plain = base.build_parser().parse_args(["--no-value-embeds"])
+    assert GPTConfig(**flags.architecture_config(plain)) == GPTConfig()
 
 
 @pytest.mark.parametrize("switch", SWITCHES)

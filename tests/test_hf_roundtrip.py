@@ -1,4 +1,5 @@
-"""export -> import on a model trained in the test (a tiny base run, then SFT, through the real CLI):
+"""export -> import on a model trained in the test (a tiny base run with the default recipe, value
+embeddings included, then SFT, through the real CLI):
 the round trip is bit-identical, push-to-hub offline fails cleanly, and the must-show flow (export,
 transformers in a process without picochat, `picochat chat -p -t 0`, import, `picochat chat -i
 imported`) gives one and the same non-empty greedy reply."""
@@ -117,18 +118,19 @@ def test_push_to_hub_offline_fails_in_one_line_and_keeps_the_export(home, tmp_pa
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "someone/tiny" in errors[0] and "local export is intact" in errors[0]
     assert "Traceback" not in result.stderr
-    assert json.loads((out / "config.json").read_text())["model_type"] == "nanochat"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "picochat"  # value embeddings
 
 
 # Runs with `python -I -S` (no PYTHONPATH, no cwd, no .pth files: the venv's editable picochat is
-# invisible) plus site-packages: transformers alone, no picochat.
+# invisible) plus site-packages: transformers alone, no picochat; the export's own modeling code
+# (trust_remote_code) carries the value embeddings.
 NO_PICOCHAT = """
 import importlib.util, sys
 sys.path.append(sys.argv[2])
 assert importlib.util.find_spec("picochat") is None, "picochat is importable"
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 ids = tok.apply_chat_template([{"role": "user", "content": sys.argv[3]}], add_generation_prompt=True,
                               return_tensors="pt", return_dict=True)
 out = model.generate(**ids, max_new_tokens=20, do_sample=False)

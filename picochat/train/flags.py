@@ -165,10 +165,11 @@ ARCHITECTURE_FIELDS = (
 
 
 def add_architecture_args(group: argparse._ArgumentGroup) -> None:
-    """The model's architecture extras, every one off by default (the plain, HF-exportable NanoChat)."""
+    """The model's architecture extras: value embeddings on (the adopted recipe), the rest off."""
     group.add_argument(
-        "--value-embeds", action="store_true",
-        help="value embeddings: every other layer (the last included) adds a gated token embedding to V",
+        "--value-embeds", action=argparse.BooleanOptionalAction, default=True,
+        help="value embeddings: every other layer (the last included) adds a gated token embedding to V "
+        "(adopted in docs/recipe.md; --no-value-embeds trains the plain NanoChat that vLLM/SGLang serve)",
     )  # fmt: skip
     group.add_argument(
         "--resid-scalars", action="store_true",
