@@ -21,6 +21,8 @@ above, the one transformers can load; `architecture_extras` names the ones a con
   - vocab_multiple: embedding and lm_head rows padded to a multiple of this; the padding rows are no
     tokens: their logits are cut off before anything samples them and masked out of the loss;
   - window_pattern / short_window: sliding-window attention per layer (see picochat.attention);
+  - smear: each position's normed token embedding gets a gated share of the previous token's (`Smear`),
+    a bigram feature before the first block; a KV cache keeps each row's last embedding for it;
   - rope_theta (plain and exportable, but a candidate too): the rotary base.
 
 Dtypes: on GPU the trainer runs the forward under bf16 autocast; on CPU everything is fp32. The rotary
@@ -53,6 +55,7 @@ from picochat.attention import (
 )
 from picochat.fused_loss import LOSS_CHUNK_ELEMENTS, SoftcapCrossEntropySum, softcap_cross_entropy
 from picochat.gpt_hf import hf_config, hf_state_dict_mapping
+from picochat.kv_cache import KVCache
 
 __all__ = [
     "GPT",
@@ -86,6 +89,7 @@ class GPTConfig:
     vocab_multiple: int = 1
     window_pattern: str = ""  # S = short window, L = full context, tiled over layers; "" = all L
     short_window: int = 0  # tokens a short-window layer sees, itself included; 0 = sequence_len // 4
+    smear: bool = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -119,6 +123,7 @@ EXTRA_FIELDS = (
     "vocab_multiple",
     "window_pattern",
     "short_window",
+    "smear",
 )
 
 
@@ -130,7 +135,7 @@ def architecture_extras(config: GPTConfig) -> dict[str, Any]:
     """
     extras = {
         name: getattr(config, name)
-        for name in ("value_embeds", "resid_scalars", "qk_scale")
+        for name in ("value_embeds", "resid_scalars", "qk_scale", "smear")
         if getattr(config, name) != GPTConfig.__dataclass_fields__[name].default
     }
     if config.padded_vocab_size != config.vocab_size:
@@ -140,100 +145,6 @@ def architecture_extras(config: GPTConfig) -> dict[str, Any]:
     return extras
 
 
-class KVCache:
-    """Keys and values of past tokens for every layer, for `batch_size` independent rows.
-
-    Tensors k, v: (n_layer, batch_size, n_kv_head, max_len, head_dim): each head's keys are contiguous,
-    the layout attention reads them in (at batch 8 this made decode attention ~20% faster than keeping
-    heads interleaved per position, see docs/performance.md). Each row has its own length
-    `pos[row]` (the number of tokens cached), so rows may be at different positions: a row can be filled
-    by `insert_prefill` from another cache (prefill a prompt once with batch 1, copy it into N rows to
-    sample N continuations, or into a free row for continuous batching) while other rows keep decoding.
-    A forward pass of T tokens appends them to every row at that row's own position.
-    """
-
-    def __init__(
-        self,
-        batch_size: int,
-        max_len: int,
-        n_layer: int,
-        n_kv_head: int,
-        head_dim: int,
-        device: Any = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.batch_size, self.max_len = batch_size, max_len
-
-    @classmethod
-    def for_model(
-        cls, model: GPT, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
-    ) -> KVCache:
-        """A cache shaped for `model` (max_len defaults to its training context), on its device."""
-        c, weight = model.config, model.lm_head.weight
-        return cls(
-            batch_size,
-            max_len or c.sequence_len,
-            c.n_layer,
-            c.n_kv_head,
-            c.head_dim,
-            device=weight.device,
-            dtype=dtype or weight.dtype,
-        )
-
-    def reset(self, rows: list[int] | None = None) -> None:
-        """Forget the cached tokens of `rows` (default: all rows); old entries are masked, not cleared."""
-        if rows is None:
-            self.pos.zero_()
-        else:
-            self.pos[rows] = 0
-
-    def next_positions(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions (B, T) the next `num_tokens` tokens of each row take, and the attention mask
-        (B, 1, T, span) letting each of them see its row's cached tokens and itself, not later ones."""
-        span = int(self.pos.max()) + num_tokens
-        if span > self.max_len:
-            raise ValueError(
-                f"KV cache overflow: {span} tokens do not fit in max_len {self.max_len}; "
-                "make the cache longer or generate fewer tokens"
-            )
-        positions = self.pos[:, None] + torch.arange(num_tokens, device=self.pos.device)
-        keys = torch.arange(span, device=self.pos.device)
-        return positions, (keys[None, None, :] <= positions[:, :, None])[:, None]
-
-    def store(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, span: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, T, H, D) at `positions` (B, T); return this layer's first `span` keys and
-        values, (B, H, span, D) as attention takes them."""
-        rows = torch.arange(self.batch_size, device=k.device)[:, None]
-        # indices (B, 1) and (B, T) around a full slice: the indexed view is (B, T, H, D), like k and v
-        self.k[layer][rows, :, positions] = k.to(self.k.dtype)
-        self.v[layer][rows, :, positions] = v.to(self.v.dtype)
-        return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
-
-    def advance(self, num_tokens: int) -> None:
-        self.pos += num_tokens
-
-    def insert_prefill(self, src: KVCache, rows: list[int] | None = None) -> None:
-        """Copy `src`'s cached tokens into `rows` of this cache (default: all rows).
-
-        `src` has one row (copied into every target row) or one row per target row.
-        """
-        rows = list(range(self.batch_size)) if rows is None else rows
-        if src.batch_size not in (1, len(rows)):
-            raise ValueError(f"cannot copy a batch of {src.batch_size} cached rows into {len(rows)} rows")
-        length = int(src.pos.max())
-        if length > self.max_len:
-            raise ValueError(f"the prefill holds {length} tokens but this cache's max_len is {self.max_len}")
-        self.k[:, rows, :, :length] = src.k[:, :, :, :length]
-        self.v[:, rows, :, :length] = src.v[:, :, :, :length]
-        self.pos[rows] = src.pos
-
-
 def soft_cap(logits: torch.Tensor, softcap: float) -> torch.Tensor:
     """The model's logit soft-cap: softcap * tanh(logits / softcap), squashing logits into (-cap, cap)."""
     return softcap * torch.tanh(logits / softcap)
@@ -241,6 +152,20 @@ def soft_cap(logits: torch.Tensor, softcap: float) -> torch.Tensor:
 
 # The x0 scalars' start: a little of the token embedding re-enters the residual stream at every block.
 X0_LAMBDA_INIT = 0.1
+SMEAR_CHANNELS = 24  # the first channels of a token's embedding decide how much of the previous one it takes
+
+
+class Smear(nn.Module):
+    """x_t + scale * sigmoid(gate(x_t[:SMEAR_CHANNELS])) * x_(t-1): a cheap bigram feature. `scale`
+    starts at 0, so the model starts plain; the previous embedding is zero at a row's first position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return x + self.scale * torch.sigmoid(self.gate(x[..., :SMEAR_CHANNELS])) * previous
 
 
 class MLP(nn.Module):
@@ -293,6 +218,8 @@ class GPT(nn.Module):
                     if has_value_embed(config, i)
                 }
             )
+        if config.smear:
+            self.smear = Smear()
         if config.resid_scalars:
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
@@ -310,7 +237,7 @@ class GPT(nn.Module):
         1/sqrt(n_embd); output projections of attention and MLP zero, so each block starts as the
         identity and the residual stream is not disturbed; lm_head small (std 0.001) so the first
         predictions are near uniform. Extras: value embeddings like c_v's input, their gates zero (gate
-        1), residual scalars 1 and x0 scalars X0_LAMBDA_INIT.
+        1), residual scalars 1 and x0 scalars X0_LAMBDA_INIT, the smear's scale 0 and gate small positive.
         """
         c = self.config
         bound = math.sqrt(3.0 / c.n_embd)  # uniform(-b, b) has std b / sqrt(3)
@@ -328,6 +255,9 @@ class GPT(nn.Module):
         if c.resid_scalars:
             nn.init.ones_(self.resid_lambdas)
             nn.init.constant_(self.x0_lambdas, X0_LAMBDA_INIT)
+        if c.smear:
+            nn.init.uniform_(self.smear.gate.weight, 0.0, 0.02)
+            nn.init.zeros_(self.smear.scale)
         device = self.lm_head.weight.device
         self.cos, self.sin = rotary_tables(self.cos.size(0), c.head_dim, c.rope_theta, device)
 
@@ -378,7 +308,7 @@ class GPT(nn.Module):
             if T > self.cos.size(0):
                 raise ValueError(f"{T} tokens exceed the rotary table ({self.cos.size(0)} positions)")
             rotary = (self.cos[None, :T, None], self.sin[None, :T, None])
-            cache = None
+            cache = positions = None
             masks = training_masks(self.windows, T, idx.device) if len(self.windows) > 1 else {None: None}
         else:
             if kv_cache.max_len > self.cos.size(0):
@@ -391,6 +321,8 @@ class GPT(nn.Module):
             masks = cache_masks(self.windows, causal, positions, additive)
 
         x = x0 = norm(self.transformer.wte(idx), c.norm_eps)
+        if c.smear:
+            x = x0 = self.smear(x, self._previous_embeddings(x, idx, kv_cache, positions))
         for i, block in enumerate(self.transformer.h):
             if c.resid_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
@@ -404,6 +336,16 @@ class GPT(nn.Module):
         if targets is None:
             return self._logits(x, head, capped)
         return self._loss(x, targets, loss_reduction)
+
+    def _previous_embeddings(
+        self, x: torch.Tensor, idx: torch.Tensor, kv_cache: KVCache | None, positions: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The normed embedding (x) of each token's predecessor, zero at a row's first position; with
+        a cache, the predecessor of a call's first token is the row's last cached token."""
+        if kv_cache is None:
+            return F.pad(x[:, :-1], (0, 0, 1, 0))
+        previous, has_one = kv_cache.previous_tokens(idx, positions)
+        return norm(self.transformer.wte(previous), self.config.norm_eps) * has_one[..., None]
 
     def _logits(self, x: torch.Tensor, head: Any = None, capped: bool = True) -> torch.Tensor:
         logits = (head or self.lm_head)(x)
@@ -464,6 +406,8 @@ class GPT(nn.Module):
         ]
         if self.config.resid_scalars:
             adam_groups.append(([self.resid_lambdas, self.x0_lambdas], scalar_lr))
+        if self.config.smear:  # a gate on raw embedding channels: the embedding LR, unscaled
+            adam_groups.append((list(self.smear.parameters()), embedding_lr))
         return build_optimizers(
             adam_groups=adam_groups,
             muon_params=list(self.transformer.h.parameters()),

@@ -1,6 +1,6 @@
 """The GPT in Hugging Face transformers' terms: `NanoChatForCausalLM` is the same (plain) architecture
 under other names; these map picochat's config and weight names onto it (used by `picochat export` and
-`picochat import`). Value embeddings, residual/x0 scalars and a QK scale are expressed by
+`picochat import`). Value embeddings, residual/x0 scalars, a QK scale and the smear are expressed by
 picochat.hf_modeling (transformers remote code an export ships with the model): hf_config then adds
 their fields and hf_state_dict_mapping their weights. Sliding windows have no transformers form.
 """
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from picochat.gpt import GPTConfig
 
 # The architecture extras picochat.hf_modeling implements (PicochatConfig fields of the same names).
-REMOTE_CODE_EXTRAS = ("value_embeds", "resid_scalars", "qk_scale")
+REMOTE_CODE_EXTRAS = ("value_embeds", "resid_scalars", "qk_scale", "smear")
 
 
 def remote_code_extras(config: GPTConfig) -> list[str]:
@@ -76,4 +76,6 @@ def hf_state_dict_mapping(config: GPTConfig) -> dict[str, str]:
             mapping[f"value_embeds.{i}.weight"] = f"{value}.value_embed.weight"
     if config.resid_scalars:
         mapping |= {"resid_lambdas": "model.resid_lambdas", "x0_lambdas": "model.x0_lambdas"}
+    if config.smear:
+        mapping |= {"smear.gate.weight": "model.smear.gate.weight", "smear.scale": "model.smear.scale"}
     return mapping

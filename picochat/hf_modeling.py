@@ -1,7 +1,7 @@
 """transformers code for picochat models with architecture extras (shipped as modeling_picochat.py).
 
 `picochat export` copies this file, unchanged, into the folder of a model trained with value embeddings,
-residual/x0 scalars or a QK scale, and points config.json's `auto_map` at it, so that
+residual/x0 scalars, a QK scale or the smear, and points config.json's `auto_map` at it, so that
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` builds the same model. It only
 adds to transformers' `NanoChatForCausalLM` (the plain architecture, which needs no code of ours):
 
@@ -10,7 +10,11 @@ adds to transformers' `NanoChatForCausalLM` (the plain architecture, which needs
     picochat.attention does; the model hands it the input ids before running the layers;
   - residual/x0 scalars: before layer i, x = resid_lambdas[i] * x + x0_lambdas[i] * x0, x0 being the
     normed token embedding (the first layer's input), applied by a forward pre-hook on each layer;
-  - qk_scale: every attention's scaling is qk_scale / sqrt(head_dim).
+  - qk_scale: every attention's scaling is qk_scale / sqrt(head_dim);
+  - smear: before the first layer (and before x0 is taken), x_t += scale * sigmoid(gate(x_t[:24])) *
+    x_(t-1), zero at position 0; in generation the last embedding of each row rides on the cache object
+    (`picochat_last_embedding`), so a search that reorders or crops the cache (beam search, assisted
+    decoding) is not supported for such a model: use greedy or sampled generation.
 
 It imports nothing from picochat: a user of the exported folder needs only torch and transformers.
 """
@@ -31,9 +35,15 @@ class PicochatConfig(NanoChatConfig):
     model_type = "picochat"
 
     def __init__(
-        self, value_embeds: bool = False, resid_scalars: bool = False, qk_scale: float = 1.0, **kwargs: Any
+        self,
+        value_embeds: bool = False,
+        resid_scalars: bool = False,
+        qk_scale: float = 1.0,
+        smear: bool = False,
+        **kwargs: Any,
     ) -> None:
         self.value_embeds, self.resid_scalars, self.qk_scale = value_embeds, resid_scalars, qk_scale
+        self.smear = smear
         super().__init__(**kwargs)
 
 
@@ -63,6 +73,25 @@ class ValueWithEmbedding(nn.Linear):
         return super().forward(x) + (gate[..., None] * ve).flatten(-2).to(x.dtype)
 
 
+class Smear(nn.Module):
+    """The previous token's normed embedding, gated, added to each token's (picochat.gpt.Smear)."""
+
+    channels = 24
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(self.channels, 1, bias=False)
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return x + self.scale * torch.sigmoid(self.gate(x[..., : self.channels])) * previous
+
+
+def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple]:
+    """A decoder layer's hidden_states (positional or keyword) and its other positional arguments."""
+    return (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+
+
 class PicochatModel(NanoChatModel):
     config_class = PicochatConfig
 
@@ -73,6 +102,9 @@ class PicochatModel(NanoChatModel):
             layer.self_attn.scaling = config.qk_scale / head_dim**0.5
             if has_value_embed(config, i):
                 layer.self_attn.v_proj = ValueWithEmbedding(config)
+        if config.smear:  # registered first: the x0 hook must see the smeared embedding
+            self.smear = Smear()
+            self.layers[0].register_forward_pre_hook(self._smear_hook, with_kwargs=True)
         if config.resid_scalars:
             self.resid_lambdas = nn.Parameter(torch.ones(config.num_hidden_layers))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.num_hidden_layers))
@@ -81,12 +113,21 @@ class PicochatModel(NanoChatModel):
                 layer.register_forward_pre_hook(self._mix_x0(i), with_kwargs=True)
         self.post_init()
 
+    def _smear_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x, rest = _split(args, kwargs)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        last = getattr(cache, "picochat_last_embedding", None)
+        if last is None:  # a fresh cache, or none: nothing came before this call's tokens
+            last = torch.zeros_like(x[:, :1])
+        previous = torch.cat([last.to(x.dtype), x[:, :-1]], dim=1)
+        previous = previous * (kwargs["position_ids"] > 0)[..., None].to(x.dtype)
+        if cache is not None:
+            cache.picochat_last_embedding = x[:, -1:]
+        return (self.smear(x, previous), *rest), kwargs
+
     def _mix_x0(self, i: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if args:
-                x, rest = args[0], args[1:]
-            else:
-                x, rest = kwargs.pop("hidden_states"), ()
+            x, rest = _split(args, kwargs)
             if i == 0:  # the first layer's input is the normed embedding, x0
                 self._x0 = x
             return (self.resid_lambdas[i] * x + self.x0_lambdas[i] * self._x0, *rest), kwargs

@@ -30,6 +30,7 @@ SWITCHES = {
     "qk_scale": {"qk_scale": 1.6},
     "vocab_multiple": {"vocab_multiple": 64},
     "window_pattern": {"window_pattern": "SL", "short_window": 4},
+    "smear": {"smear": True},
 }
 ALL_ON = {k: v for setting in SWITCHES.values() for k, v in setting.items()}
 
@@ -64,7 +65,9 @@ def test_each_switch_changes_the_forward(switch):
         for name in ("transformer.wte.weight", "lm_head.weight"):
             state[name] = torch.cat([state[name], 100.0 * torch.ones(64 - VOCAB, state[name].size(1))])
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("value_embeds" in n or "lambdas" in n or "ve_gate" in n for n in missing)
+    assert not unexpected and all(
+        "value_embeds" in n or "lambdas" in n or "ve_gate" in n or "smear" in n for n in missing
+    )
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, theirs = model(idx), plain(idx)
@@ -240,11 +243,11 @@ def test_hf_export_accepts_the_plain_architecture_and_a_window_pattern_with_no_s
 
 def test_train_base_flags_set_the_config_and_refuse_bad_values():
     argv = ["--value-embeds", "--resid-scalars", "--rope-theta", "1e5", "--qk-scale", "1.2"]
-    argv += ["--vocab-multiple", "64", "--window-pattern", "sssl", "--short-window", "128"]
+    argv += ["--vocab-multiple", "64", "--window-pattern", "sssl", "--short-window", "128", "--smear"]
     got = flags.architecture_config(base.build_parser().parse_args(argv))
     assert got == {
         "value_embeds": True, "resid_scalars": True, "rope_theta": 1e5, "qk_scale": 1.2,
-        "vocab_multiple": 64, "window_pattern": "SSSL", "short_window": 128,
+        "vocab_multiple": 64, "window_pattern": "SSSL", "short_window": 128, "smear": True,
     }  # fmt: skip
     for bad in (["--window-pattern", "SXL"], ["--qk-scale", "0"], ["--vocab-multiple", "-64"]):
         with pytest.raises(SystemExit):

@@ -120,12 +120,13 @@ def test_chat_template_ids_match_render_for_completion(tokenizer, hf_tok, messag
     [
         {"value_embeds": True},
         {"resid_scalars": True, "qk_scale": 1.3},
-        {"value_embeds": True, "resid_scalars": True, "vocab_multiple": 64},
+        {"value_embeds": True, "resid_scalars": True, "vocab_multiple": 64, "smear": True},
+        {"smear": True},
     ],
-    ids=["value_embeds", "scalars_qk_scale", "all_padded"],
+    ids=["value_embeds", "scalars_qk_scale", "all_padded", "smear"],
 )
 def test_architecture_extras_export_with_their_code_and_match(tmp_path, tokenizer, extras):
-    """Value embeddings, residual/x0 scalars and a QK scale load through the shipped
+    """Value embeddings, residual/x0 scalars, a QK scale and the smear load through the shipped
     modeling_picochat.py (trust_remote_code) with the same logits and greedy tokens; a padded
     vocabulary exports unpadded."""
     config = GPTConfig(

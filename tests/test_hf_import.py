@@ -105,13 +105,14 @@ def test_a_republished_folder_imports_identically(folder, export):
 
 
 def test_an_export_with_architecture_extras_imports_back_identically(tmp_path, monkeypatch):
-    """Value embeddings, residual/x0 scalars and a QK scale survive export -> import: same config, same
-    weights (the shipped modeling_picochat.py is read by transformers only, never run by the import)."""
+    """Value embeddings, residual/x0 scalars, a QK scale and the smear survive export -> import: same
+    config, same weights (the shipped modeling_picochat.py is read by transformers only, never run by
+    the import)."""
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
     tokenizer = Tokenizer.train_from_iterator(TEXTS, vocab_size=400)
     config = GPTConfig(
         sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=1,
-        n_embd=32, value_embeds=True, resid_scalars=True, qk_scale=1.25,
+        n_embd=32, value_embeds=True, resid_scalars=True, qk_scale=1.25, smear=True,
     )  # fmt: skip
     state = random_model(config).state_dict()
     (tmp_path / "out").mkdir()

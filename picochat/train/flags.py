@@ -160,7 +160,7 @@ def add_recipe_args(group: argparse._ArgumentGroup) -> None:
 # The architecture switches: flag --x-y sets GPTConfig field x_y (picochat.gpt describes each one).
 ARCHITECTURE_FIELDS = (
     "value_embeds", "resid_scalars", "rope_theta", "qk_scale", "vocab_multiple", "window_pattern",
-    "short_window",
+    "short_window", "smear",
 )  # fmt: skip
 
 
@@ -174,6 +174,10 @@ def add_architecture_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--resid-scalars", action="store_true",
         help="learnable per-layer scalars before each block: x = resid_lambda * x + x0_lambda * x0",
+    )  # fmt: skip
+    group.add_argument(
+        "--smear", action="store_true",
+        help="add a gated share of the previous token's embedding to each token's, before the first block",
     )  # fmt: skip
     group.add_argument("--rope-theta", type=_positive(float), default=10000.0, help="rotary base")
     group.add_argument(
