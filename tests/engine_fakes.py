@@ -6,6 +6,8 @@ Shared by the engine, batching, model and Hugging Face tests (not a test module 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from picochat.gpt import GPT, GPTConfig
@@ -25,9 +27,16 @@ def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.train_from_iterator(CORPUS, VOCAB)
 
 
-def tiny_config(vocab_size: int, sequence_len: int = 64) -> GPTConfig:
+def tiny_config(vocab_size: int, sequence_len: int = 64, **extras: Any) -> GPTConfig:
+    """A 2-layer, 32-wide config; `extras` are architecture extras (e.g. smear=True)."""
     return GPTConfig(
-        sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32
+        sequence_len=sequence_len,
+        vocab_size=vocab_size,
+        n_layer=2,
+        n_head=2,
+        n_kv_head=1,
+        n_embd=32,
+        **extras,
     )
 
 
@@ -55,8 +64,15 @@ def random_model(config: GPTConfig, seed: int = 0) -> GPT:
     return model.eval()
 
 
-def tiny_model(tokenizer: Tokenizer, seed: int = 0, sequence_len: int = 64, cls: type = GPT, **kw) -> GPT:
-    model = cls(tiny_config(tokenizer.get_vocab_size(), sequence_len), **kw)
+def tiny_model(
+    tokenizer: Tokenizer,
+    seed: int = 0,
+    sequence_len: int = 64,
+    cls: type = GPT,
+    extras: dict | None = None,
+    **kw,
+) -> GPT:
+    model = cls(tiny_config(tokenizer.get_vocab_size(), sequence_len, **(extras or {})), **kw)
     model.init_weights()
     return randomize(model, tokenizer, seed)
 

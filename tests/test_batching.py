@@ -84,8 +84,9 @@ PARAMS = [
 ]
 
 
-def test_concurrent_replies_equal_replies_run_alone(tok):
-    model = model_for(tok)
+@pytest.mark.parametrize("extras", [{}, {"value_embeds": True, "smear": True}], ids=["plain", "ve_smear"])
+def test_concurrent_replies_equal_replies_run_alone(tok, extras):
+    model = model_for(tok, extras=extras)
     sizes = record_batch_sizes(model)
 
     async def main():

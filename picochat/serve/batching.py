@@ -133,6 +133,7 @@ def _first_rows(cache: KVCache, n: int) -> KVCache:
     """A KVCache over the first n rows of `cache`, sharing its tensors: a step costs n rows, not all."""
     view = copy.copy(cache)
     view.k, view.v, view.pos, view.batch_size = cache.k[:, :n], cache.v[:, :n], cache.pos[:n], n
+    view.tokens = cache.tokens[:n]
     return view
 
 
