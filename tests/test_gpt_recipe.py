@@ -48,11 +48,13 @@ def test_the_config_is_plain_by_default_and_the_plain_model_has_no_extras():
     assert model.lm_head.weight.shape[0] == VOCAB and model.windows == {None}
 
 
-def test_train_base_adopts_value_embeddings_and_the_plain_model_is_one_switch_away():
+def test_train_base_adopts_the_measured_extras_and_the_plain_model_is_one_switch_away():
     adopted = GPTConfig(**flags.architecture_config(base.build_parser().parse_args([])))
-    assert architecture_extras(adopted) == {"value_embeds": True}
-    plain = base.build_parser().parse_args(["--no-value-embeds"])
-    assert GPTConfig(**flags.architecture_config(plain)) == GPTConfig()
+    assert architecture_extras(adopted) == {"value_embeds": True, "qk_scale": 1.3, "smear": True}
+    for argv in (["--plain"], ["--plain", "--smear", "--qk-scale", "2"]):  # --plain wins over extras
+        assert GPTConfig(**flags.architecture_config(base.build_parser().parse_args(argv))) == GPTConfig()
+    one_off = flags.architecture_config(base.build_parser().parse_args(["--no-smear"]))
+    assert architecture_extras(GPTConfig(**one_off)) == {"value_embeds": True, "qk_scale": 1.3}
 
 
 @pytest.mark.parametrize("switch", SWITCHES)

@@ -14,6 +14,7 @@ import math
 import torch
 
 from picochat.common import PicochatError
+from picochat.gpt import EXTRA_FIELDS, GPTConfig
 
 GROUPS = (
     "input and output",
@@ -165,24 +166,31 @@ ARCHITECTURE_FIELDS = (
 
 
 def add_architecture_args(group: argparse._ArgumentGroup) -> None:
-    """The model's architecture extras: value embeddings on (the adopted recipe), the rest off."""
+    """The model's architecture extras: the adopted ones on (docs/recipe.md), the rest off."""
+    group.add_argument(
+        "--plain", action="store_true",
+        help="the plain NanoChat architecture, the one vLLM/SGLang serve natively: every extra below off "
+        "(value embeddings, smear, QK scale 1, ...), whatever else is given; --rope-theta still applies",
+    )  # fmt: skip
     group.add_argument(
         "--value-embeds", action=argparse.BooleanOptionalAction, default=True,
-        help="value embeddings: every other layer (the last included) adds a gated token embedding to V "
-        "(adopted in docs/recipe.md; --no-value-embeds trains the plain NanoChat that vLLM/SGLang serve)",
+        help="value embeddings (adopted): every other layer (the last included) adds a gated token "
+        "embedding to V",
     )  # fmt: skip
     group.add_argument(
         "--resid-scalars", action="store_true",
         help="learnable per-layer scalars before each block: x = resid_lambda * x + x0_lambda * x0",
     )  # fmt: skip
     group.add_argument(
-        "--smear", action="store_true",
-        help="add a gated share of the previous token's embedding to each token's, before the first block",
+        "--smear", action=argparse.BooleanOptionalAction, default=True,
+        help="smear (adopted): add a gated share of the previous token's embedding to each token's, "
+        "before the first block",
     )  # fmt: skip
     group.add_argument("--rope-theta", type=_positive(float), default=10000.0, help="rotary base")
     group.add_argument(
-        "--qk-scale", type=_positive(float), default=1.0,
-        help="multiply the attention logits by this after QK-norm (1 = the usual 1/sqrt(head_dim))",
+        "--qk-scale", type=_positive(float), default=1.3,
+        help="multiply the attention logits by this after QK-norm (adopted: 1.3; 1 = the usual "
+        "1/sqrt(head_dim))",
     )  # fmt: skip
     group.add_argument(
         "--vocab-multiple", type=_positive(int), default=1,
@@ -200,8 +208,10 @@ def add_architecture_args(group: argparse._ArgumentGroup) -> None:
 
 
 def architecture_config(args: argparse.Namespace) -> dict:
-    """The GPTConfig fields set by `add_architecture_args`' flags."""
-    return {name: getattr(args, name) for name in ARCHITECTURE_FIELDS}
+    """The GPTConfig fields set by `add_architecture_args`' flags (`--plain`: GPTConfig's defaults)."""
+    plain = {name: GPTConfig.__dataclass_fields__[name].default for name in EXTRA_FIELDS}
+    chosen = {name: getattr(args, name) for name in ARCHITECTURE_FIELDS}
+    return {**chosen, **plain} if args.plain else chosen
 
 
 def _positive(kind: type, zero: bool = False):
