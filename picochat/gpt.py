@@ -22,7 +22,7 @@ above, the one transformers can load; `architecture_extras` names the ones a con
     tokens: their logits are cut off before anything samples them and masked out of the loss;
   - window_pattern / short_window: sliding-window attention per layer (see picochat.attention);
   - smear: each position's normed token embedding gets a gated share of the previous token's (`Smear`),
-    a bigram feature before the first block; a KV cache keeps each row's last embedding for it;
+    a bigram feature before the first block; a KV cache keeps each row's token ids for it;
   - rope_theta (plain and exportable, but a candidate too): the rotary base.
 
 Dtypes: on GPU the trainer runs the forward under bf16 autocast; on CPU everything is fp32. The rotary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -98,6 +99,13 @@ class KVCache:
         rows = torch.arange(self.batch_size, device=idx.device)[:, None]
         self.tokens[rows, positions] = idx
         return self.tokens[rows, (positions - 1).clamp(min=0)], positions > 0
+
+    def first_rows(self, n: int) -> KVCache:
+        """A cache over the first n rows, sharing this one's tensors: a step then costs n rows, not all."""
+        view = copy.copy(self)
+        view.k, view.v, view.tokens, view.pos = self.k[:, :n], self.v[:, :n], self.tokens[:n], self.pos[:n]
+        view.batch_size = n
+        return view
 
     def advance(self, num_tokens: int) -> None:
         self.pos += num_tokens
