@@ -3,9 +3,11 @@
     .venv/bin/python bench/train.py --depths 4 6 8 --device-batch-size 8
 
 For each depth (width = depth * 64, head dim 64, vocab 32768, sequence 512, 16,384 tokens per optimiser
-step by default) a fresh subprocess (this process, for a single depth) builds the GPT and its
+step by default; the architecture is `train base`'s default, its extras included, with the same
+flags, `--plain` among them) a fresh subprocess (this process, for a single depth) builds the GPT and its
 optimisers and runs full training steps exactly as the trainer does (gradient accumulation over
-micro-batches of --device-batch-size rows, gradient clipping, AdamW + Muon). Reported per depth:
+micro-batches of --device-batch-size rows, gradient clipping, AdamW + Muon, the trainer's allocator
+settings). Reported per depth:
   - tok/s: tokens per second of the timed steps (median step time), after --warmup-steps steps;
   - MFU: model FLOPs (GPT.estimate_flops() per token) per second over the peak FLOP/s of
     picochat/train/flops.py (a GPU's datasheet bf16 peak; on a CPU the cached best-of-rounds matmul
@@ -35,6 +37,8 @@ START = time.time()  # the in-process "first step" clock starts here (after the 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from picochat.train.flags import add_architecture_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depths", type=int, nargs="+", default=[4, 6, 8], help="model depths to measure")
     p.add_argument("--device-batch-size", type=int, default=8, help="rows per forward/backward micro-batch")
@@ -51,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype of the forward")
     p.add_argument("--depth", type=int, default=0, help=argparse.SUPPRESS)  # set in worker subprocesses
     p.add_argument("--launch-time", type=float, default=0.0, help=argparse.SUPPRESS)
+    add_architecture_args(p.add_argument_group("architecture (as train base)"))
     return p
 
 
@@ -66,15 +71,24 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.total_batch_size} tokens/step, device batch {args.device_batch_size} "
         f"(grad accum {rows // args.device_batch_size}), compile {args.compile}, threads "
         f"{args.threads or 'default'}, {args.dtype} {args.device}, {args.warmup_steps} warm-up + "
-        f"{args.steps} timed steps",
+        f"{args.steps} timed steps, {architecture_summary(args)}",
         flush=True,
     )
-    results = [run_depth(args, depth) for depth in args.depths]
+    argv = sys.argv[1:] if argv is None else argv
+    results = [run_depth(args, depth, argv) for depth in args.depths]
     print_table(results)
     return 0
 
 
-def run_depth(args: argparse.Namespace, depth: int) -> dict:
+def architecture_summary(args: argparse.Namespace) -> str:
+    from picochat.gpt import GPTConfig, architecture_extras
+    from picochat.train.flags import architecture_config
+
+    extras = architecture_extras(GPTConfig(sequence_len=args.seq_len, **architecture_config(args)))
+    return "architecture " + (", ".join(f"{k}={v}" for k, v in extras.items()) or "plain")
+
+
+def run_depth(args: argparse.Namespace, depth: int, argv: list[str]) -> dict:
     """Run one depth in a fresh interpreter (in this one when it is the only depth) and return its record.
 
     A subprocess per depth keeps each depth's peak RSS and start-up time separate; a single depth runs
@@ -83,7 +97,7 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
     if len(args.depths) == 1:
         result = worker(argparse.Namespace(**{**vars(args), "depth": depth, "launch_time": START}))
     else:
-        result = run_subprocess(args, depth)
+        result = run_subprocess(depth, argv)
     print(
         f"depth {depth}: {result['tok_per_sec']:,.0f} tok/s, MFU {result['mfu']:.1f}%, "
         f"peak RSS {result['peak_rss_gb']:.2f} GB, peak CUDA memory {result['peak_cuda_gb']:.2f} GB, "
@@ -94,15 +108,10 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
     return result
 
 
-def run_subprocess(args: argparse.Namespace, depth: int) -> dict:
-    """Run `worker` for one depth in a fresh interpreter and read back its result line."""
-    settings = ["device_batch_size", "total_batch_size", "seq_len", "vocab_size", "aspect_ratio"]
-    settings += ["head_dim", "warmup_steps", "steps", "threads", "device", "dtype"]
-    cmd = [sys.executable, os.path.abspath(__file__), "--depth", str(depth)]
-    for name in settings:
-        cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    if args.compile:
-        cmd.append("--compile")
+def run_subprocess(depth: int, argv: list[str]) -> dict:
+    """Run `worker` for one depth in a fresh interpreter (same flags, plus --depth) and read back its
+    result line."""
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--depth", str(depth)]
     proc = subprocess.run([*cmd, "--launch-time", repr(time.time())], capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
@@ -115,10 +124,12 @@ def worker(args: argparse.Namespace) -> dict:
     """Build the GPT of `args.depth`, time its training steps and return the result record."""
     import torch
 
-    from picochat.common import synchronize
+    from picochat.common import keep_freed_memory, synchronize
     from picochat.gpt import GPT, GPTConfig
+    from picochat.train.flags import architecture_config
     from picochat.train.flops import peak_flops, raise_peak
 
+    keep_freed_memory()  # as the trainer's init_runtime does
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = args.total_batch_size // args.seq_len
@@ -133,6 +144,7 @@ def worker(args: argparse.Namespace) -> dict:
         n_head=width // args.head_dim,
         n_kv_head=width // args.head_dim,
         n_embd=width,
+        **architecture_config(args),
     )
     with torch.device("meta"):
         model = GPT(config)

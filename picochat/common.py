@@ -196,11 +196,40 @@ def pass_bar(iterable: Any, desc: str, total: int | None = None) -> Any:
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
+# glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets: no allocation is its own
+# mmap, and the heap is trimmed only past 1 GB of free memory at its top (grown 64 MB at a time).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_ALLOCATOR_SETTINGS = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 1 << 30, _M_TOP_PAD: 64 << 20}
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A CPU training step frees its activations after the backward and allocates them again in the
+    next forward. With glibc's defaults the large ones are each their own mmap (or trim the heap top),
+    so every step page-faults them all in again: 8-50k faults per step measured at depth 4 (4 KB
+    each, zeroed by the kernel). Serving every allocation from the heap and trimming it only past
+    1 GB of free memory takes that to zero after the first steps; the peak memory is unchanged. (When
+    the heap cannot grow, glibc still falls back to mmap.) Best-effort: returns False where there is
+    no glibc (macOS, musl).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(libc.mallopt(param, value) == 1 for param, value in _ALLOCATOR_SETTINGS.items())
+    except (OSError, AttributeError):
+        return False
+
+
 def init_runtime(device_type: str = "") -> tuple[bool, int, int, int, torch.device]:
     """Pick the device and join the process group when launched by torchrun.
 
     Returns (distributed, rank, local_rank, world_size, device). NCCL on CUDA, gloo on CPU.
     """
+    keep_freed_memory()
     device_type = device_type or autodetect_device_type()
     distributed = is_distributed()
     rank, local_rank, world_size = get_rank(), int(os.environ.get("LOCAL_RANK", 0)), get_world_size()

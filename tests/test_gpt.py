@@ -1,6 +1,6 @@
 """The GPT: it learns, the fused loss equals the plain one, the KV cache reproduces the full forward
-(also with GQA, rows at different positions, and its additive CPU masks bit for bit), FLOPs,
-meta-device init and the HF NanoChat mapping."""
+(also with GQA, rows at different positions, and its additive CPU masks bit for bit), the MLP's
+one-pass ReLU^2 backward, FLOPs, meta-device init and the HF NanoChat mapping."""
 
 from __future__ import annotations
 
@@ -172,6 +172,25 @@ def test_insert_prefill_broadcasts_one_row_and_cache_overflow_is_refused():
         assert (out == out[:1]).all()
         with pytest.raises(ValueError, match="KV cache overflow"):
             model(torch.zeros(3, 2, dtype=torch.long), kv_cache=batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_squared_gradient_is_bit_identical_to_autograds(dtype):
+    x = torch.randn(4, 64, 256, dtype=dtype)
+    x[0, 0, :8] = 0.0  # relu's kink: the gradient there is 0 both ways
+    upstream = torch.randn_like(x)
+    grads = []
+    for fn in (gpt.relu_squared, lambda t: F.relu(t).square()):
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf)
+        grads.append((out.detach(), type(out.grad_fn).__name__))
+        out.backward(upstream)
+        grads.append(leaf.grad)
+    (out, custom_fn), grad, (want_out, plain_fn), want_grad = grads
+    assert "ReluSquared" in custom_fn and "ReluSquared" not in plain_fn  # the one-pass backward ran
+    assert torch.equal(out, want_out) and torch.equal(grad, want_grad)
+    with torch.no_grad():  # inference takes the plain path and saves nothing
+        assert torch.equal(gpt.relu_squared(x), want_out)
 
 
 def test_flops_estimate_is_positive_and_scales():
