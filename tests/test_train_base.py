@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -124,14 +125,14 @@ model.init_weights()
 optimizers = model.setup_optimizers()
 batch = torch.randint(0, 4096, (4, 257))
 faults = []
-for _ in range(8):
+for _ in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     model(batch[:, :-1], batch[:, 1:]).backward()
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[4:]))
+print(*faults[3:])
 """
 
 
@@ -139,15 +140,17 @@ print(sum(faults[4:]))
 def test_kept_freed_memory_stops_training_steps_page_faulting():
     """With glibc's defaults every step hands its activations back to the kernel and faults them in
     again; init_runtime's keep_freed_memory makes the steps after the first few fault (almost) never.
-    Steps 5-8 of a small model are counted."""
+    Steps 4-10 of a small model are counted."""
     faults = {}
     for mode in ("default", "kept"):
         cmd = [sys.executable, "-c", FAULTS_PER_STEP, mode]
         out = subprocess.run(
             cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
         )
-        faults[mode] = int(out.stdout.split()[-1])
-    assert faults["default"] > 1000 and faults["kept"] < 100, faults  # measured: 17-20k against 0-4
+        faults[mode] = [int(n) for n in out.stdout.split()]
+    # Measured over steps 4-10: 14-30k in all by default; 0-2 per step kept, with at most one step
+    # that still grows the heap (4k faults).
+    assert sum(faults["default"]) > 5000 and statistics.median(faults["kept"]) < 50, faults
 
 
 def test_bpb_excludes_special_tokens_by_hand():
