@@ -13,7 +13,11 @@ load. Workloads, identical on both sides (randomly initialised weights, fp32 on 
   - inference: depth 4, width 256, vocab 32,768, a 128-token prompt, 256 new tokens, temperature 1,
     top-k 50: decode tokens/s at batch 1, 8 and 32, time to first token and prefill tokens/s
     (prompt tokens over the time to first token, at batch 1).
-nanochat's model is built with full attention in every layer (window pattern "L") like picochat's.
+nanochat's model is built with full attention in every layer (window pattern "L") like picochat's;
+each side otherwise builds its own default architecture (picochat: `train base`'s defaults, value
+embeddings, smear and QK scale included; nanochat: value embeddings, smear, backout, residual
+scalars), so each trains and decodes the model its users get. `--plain` gives picochat the plain
+architecture instead.
 `--only train|infer` runs one half. The machine's other load moves absolute figures; ratios of
 interleaved runs are what to compare.
 """
@@ -74,15 +78,19 @@ class FakeTokenizer:
         return []
 
 
-def build_model(torch, side: str, depth: int, vocab: int, seq_len: int):
+def build_model(torch, side: str, depth: int, vocab: int, seq_len: int, plain: bool):
     width = 64 * depth
     kw = dict(
         sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_head=width // 64, n_kv_head=width // 64
     )
     if side == "picochat":
         from picochat.gpt import GPT, GPTConfig
+        from picochat.train.flags import add_architecture_args, architecture_config
 
-        model = GPT(GPTConfig(n_embd=width, **kw))
+        parser = argparse.ArgumentParser()
+        add_architecture_args(parser.add_argument_group())
+        architecture = architecture_config(parser.parse_args(["--plain"] if plain else []))
+        model = GPT(GPTConfig(n_embd=width, **kw, **architecture))
     else:
         from nanochat.gpt import GPT, GPTConfig
 
@@ -91,12 +99,12 @@ def build_model(torch, side: str, depth: int, vocab: int, seq_len: int):
     return model
 
 
-def infer_worker(side: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
+def infer_worker(side: str, batch: int, prompt_len: int, new_tokens: int, plain: bool) -> dict:
     import torch
 
     torch.manual_seed(0)
     vocab = 32768
-    model = build_model(torch, side, 4, vocab, prompt_len + new_tokens)
+    model = build_model(torch, side, 4, vocab, prompt_len + new_tokens, plain)
     random_weights(torch, model)
     model.eval()
     tokenizer = FakeTokenizer(vocab)
@@ -139,11 +147,15 @@ def infer_worker(side: str, batch: int, prompt_len: int, new_tokens: int) -> dic
     }
 
 
-def train_worker(side: str, depth: int, steps: int) -> dict:
+def train_worker(side: str, depth: int, steps: int, plain: bool) -> dict:
     import torch
 
     vocab, seq_len, total, micro = 32768, 512, 16384, 8
-    model = build_model(torch, side, depth, vocab, seq_len)
+    if side == "picochat":
+        from picochat.common import keep_freed_memory
+
+        keep_freed_memory()  # as every picochat stage's init_runtime does
+    model = build_model(torch, side, depth, vocab, seq_len, plain)
     if side == "picochat":
         optimizers = model.setup_optimizers()
     else:
@@ -214,6 +226,12 @@ def main() -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes")
     p.add_argument("--only", choices=["train", "infer"], default=None, help="run only one half")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides")
+    p.add_argument(
+        "--train-depths", type=int, nargs="+", default=[4, 6], help="model depths of the training half"
+    )
+    p.add_argument(
+        "--plain", action="store_true", help="picochat's plain architecture instead of train base's default"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     p.add_argument(
         "--markdown",
@@ -229,7 +247,8 @@ def main() -> int:
     specs: list[tuple[str, dict]] = []
     if args.only != "infer":
         specs += [
-            (f"train depth {d}", {"kind": "train", "depth": d, "steps": args.train_steps}) for d in (4, 6)
+            (f"train depth {d}", {"kind": "train", "depth": d, "steps": args.train_steps})
+            for d in args.train_depths
         ]
     if args.only != "train":
         specs += [
@@ -242,7 +261,8 @@ def main() -> int:
         runs: dict[str, list[dict]] = {"picochat": [], "nanochat": []}
         for _ in range(args.repeats):
             for side, (python, root) in sides.items():
-                runs[side].append(run_worker(python, root, {**spec, "side": side}, args.threads))
+                spec_side = {**spec, "side": side, "plain": args.plain}
+                runs[side].append(run_worker(python, root, spec_side, args.threads))
         results[name] = {
             side: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for side, rs in runs.items()
         }
