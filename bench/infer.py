@@ -1,6 +1,7 @@
 """Inference benchmark of picochat.engine: prefill and decode speed of a depth-4 model.
 
-A randomly initialised depth-4 GPT (width 256, 4 heads, vocab 32768) answers a 128-token prompt with
+A randomly initialised depth-4 GPT (width 256, 4 heads, vocab 32768; `train base`'s default
+architecture, value embeddings and smear included, or `--plain`) answers a 128-token prompt with
 256 new tokens (temperature 1, top-k 50). Measured: prefill tokens/s, time to first token, and decode
 tokens/s at batch 1, 8 and 32 (num_samples rows sharing one prefill). Each figure is the median of
 --repeats runs (and the best run, the better estimate on a busy machine). `--profile` adds a
@@ -26,6 +27,7 @@ import torch
 from picochat.engine import Engine
 from picochat.gpt import GPT, GPTConfig
 from picochat.sampling import SamplingParams
+from picochat.train.flags import default_architecture
 
 SPECIAL_NAMES = (
     "bos user_start user_end assistant_start assistant_end python_start python_end output_start output_end"
@@ -55,7 +57,10 @@ class BenchTokenizer:
         return []
 
 
-def build_engine(depth: int, width: int, vocab: int, context: int, device: str = "cpu") -> Engine:
+def build_engine(
+    depth: int, width: int, vocab: int, context: int, device: str = "cpu", plain: bool = False
+) -> Engine:
+    """A random model of `train base`'s default architecture (`plain`: the plain one) in an Engine."""
     torch.manual_seed(0)
     config = GPTConfig(
         sequence_len=context,
@@ -64,6 +69,7 @@ def build_engine(depth: int, width: int, vocab: int, context: int, device: str =
         n_head=width // 64,
         n_kv_head=width // 64,
         n_embd=width,
+        **default_architecture(plain),
     )
     model = GPT(config)
     model.init_weights()
@@ -114,7 +120,9 @@ def step_bytes(engine: Engine, batch: int, span: float) -> float:
     are read) plus each row's cached keys and values over `span` positions, in the cache's dtype."""
     model, c = engine.model, engine.model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights -= model.transformer.wte.weight.numel() * model.transformer.wte.weight.element_size()
+    # Embedding tables are read a row per token, not whole: the token embedding and value embeddings.
+    tables = [model.transformer.wte, *getattr(model, "value_embeds", {}).values()]
+    weights -= sum(t.weight.numel() * t.weight.element_size() for t in tables)
     kv = 2 * c.n_layer * batch * span * c.n_kv_head * c.head_dim * model.lm_head.weight.element_size()
     return weights + kv
 
@@ -146,6 +154,9 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of decoding")
     parser.add_argument(
+        "--plain", action="store_true", help="the plain architecture instead of train base's default"
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="also time the model's forward under torch.compile(dynamic=True), interleaved with eager",
@@ -160,7 +171,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     context = args.prompt_tokens + args.new_tokens
-    engine = build_engine(args.depth, args.width, args.vocab, context, args.device)
+    engine = build_engine(args.depth, args.width, args.vocab, context, args.device, args.plain)
     prompt = torch.randint(
         0, args.vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)
     ).tolist()

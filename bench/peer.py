@@ -85,12 +85,9 @@ def build_model(torch, side: str, depth: int, vocab: int, seq_len: int, plain: b
     )
     if side == "picochat":
         from picochat.gpt import GPT, GPTConfig
-        from picochat.train.flags import add_architecture_args, architecture_config
+        from picochat.train.flags import default_architecture
 
-        parser = argparse.ArgumentParser()
-        add_architecture_args(parser.add_argument_group())
-        architecture = architecture_config(parser.parse_args(["--plain"] if plain else []))
-        model = GPT(GPTConfig(n_embd=width, **kw, **architecture))
+        model = GPT(GPTConfig(n_embd=width, **kw, **default_architecture(plain)))
     else:
         from nanochat.gpt import GPT, GPTConfig
 

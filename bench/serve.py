@@ -1,7 +1,7 @@
 """Serving benchmark: the real picochat server under concurrent streaming clients.
 
 A child process runs `picochat.serve.app.create_app` with the `ContinuousBatchingBackend` on a randomly
-initialised depth-4 model (width 256) and a tokenizer trained on the bundled pretraining data, served by
+initialised depth-4 model (width 256; `train base`'s default architecture, or `--plain`) and a tokenizer trained on the bundled pretraining data, served by
 uvicorn on 127.0.0.1. This process then drives it with plain asyncio HTTP clients (cheap, so they take
 little CPU from the server on a small machine):
 
@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 TARGET_SPEEDUP = 5.0
 
 
-def build_app(depth: int, vocab: int, max_batch_size: int, max_queue: int, context: int):
-    """The server app: a random depth-`depth` model and a freshly trained tokenizer behind the backend."""
+def build_app(depth: int, vocab: int, max_batch_size: int, max_queue: int, context: int, plain: bool):
+    """The server app: a random depth-`depth` model (train base's default architecture, or the plain one)
+    and a freshly trained tokenizer behind the backend."""
     import pyarrow.parquet as pq
     import torch
 
@@ -42,6 +43,7 @@ def build_app(depth: int, vocab: int, max_batch_size: int, max_queue: int, conte
     from picochat.serve.app import create_app
     from picochat.serve.batching import ContinuousBatchingBackend
     from picochat.tokenizer import Tokenizer
+    from picochat.train.flags import default_architecture
 
     texts = pq.read_table(DATA_DIR / "pretrain" / "shard_00000.parquet", columns=["text"])["text"].to_pylist()
     tokenizer = Tokenizer.train_from_iterator(texts[:150], vocab)
@@ -54,6 +56,7 @@ def build_app(depth: int, vocab: int, max_batch_size: int, max_queue: int, conte
         n_head=width // 64,
         n_kv_head=width // 64,
         n_embd=width,
+        **default_architecture(plain),
     )
     model = GPT(config)
     model.init_weights()
@@ -249,6 +252,9 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4, help="model depth (width = 64 x depth)")
     parser.add_argument("--vocab", type=int, default=8192, help="tokenizer / model vocabulary size")
     parser.add_argument(
+        "--plain", action="store_true", help="the plain architecture instead of train base's default"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -263,6 +269,7 @@ def main() -> None:
         "max_batch_size": args.max_batch_size,
         "max_queue": args.max_queue,
         "context": 1024,
+        "plain": args.plain,
     }
     process = mp.get_context("spawn").Process(
         target=serve, args=(port, args.threads, server_args), daemon=True

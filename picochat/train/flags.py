@@ -214,6 +214,13 @@ def architecture_config(args: argparse.Namespace) -> dict:
     return {**chosen, **plain} if args.plain else chosen
 
 
+def default_architecture(plain: bool = False) -> dict:
+    """The GPTConfig fields of `train base`'s default architecture, or of the plain one (benchmarks)."""
+    parser = argparse.ArgumentParser()
+    add_architecture_args(parser.add_argument_group())
+    return architecture_config(parser.parse_args(["--plain"] if plain else []))
+
+
 def _positive(kind: type, zero: bool = False):
     def parse(text: str):
         value = kind(text)
