@@ -1,7 +1,8 @@
 """The GPT's architecture extras (issue 11): each is off by default, changes the forward when on, trains,
 survives a checkpoint round trip, decodes with the KV cache exactly like the full forward, and exports
 (sliding windows, which transformers cannot express, are refused by name); sliding windows see exactly
-their window. The exported extras' logits are checked against transformers in test_hf_export."""
+their window. The exported extras' logits are checked against transformers in test_hf_export. Also:
+train base's adopted defaults (architecture and schedule), and the later stages keep their own."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from picochat.common import PicochatError
 from picochat.gpt import GPT, GPTConfig, KVCache, architecture_extras
 from picochat.hf_export import check_exportable
 from picochat.tokenizer import Tokenizer, tokenizer_dir
-from picochat.train import base, flags
+from picochat.train import base, flags, mid, rl, sft
 
 VOCAB = 60  # not a multiple of 64, so vocab_multiple=64 pads
 
@@ -55,6 +56,15 @@ def test_train_base_adopts_the_measured_extras_and_the_plain_model_is_one_switch
         assert GPTConfig(**flags.architecture_config(base.build_parser().parse_args(argv))) == GPTConfig()
     one_off = flags.architecture_config(base.build_parser().parse_args(["--no-smear"]))
     assert architecture_extras(GPTConfig(**one_off)) == {"value_embeds": True, "qk_scale": 1.3}
+
+
+def test_train_base_adopts_the_measured_schedule_and_the_later_stages_keep_theirs():
+    """Warm-down 0.4 and Muon LR 0.025 won at depths 4 and 6 over two seeds (docs/recipe.md, session 12);
+    they were measured for pretraining only, so mid-training, SFT and RL keep Muon LR 0.02."""
+    args = base.build_parser().parse_args([])
+    assert (args.warmdown_ratio, args.matrix_lr) == (0.4, 0.025)
+    for stage in (mid, sft, rl):
+        assert stage.build_parser().parse_args([]).matrix_lr == 0.02
 
 
 @pytest.mark.parametrize("switch", SWITCHES)

@@ -109,10 +109,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--num-iterations nor --target-flops is set",
     )
     o = g["optimisation"]
-    flags.add_optim_args(o, init_lr_frac=None)
+    flags.add_optim_args(o, init_lr_frac=None, matrix_lr=0.025)  # adopted (docs/recipe.md)
     flags.add_recipe_args(o)
     o.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of LR warm-up")
-    o.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of LR warm-down")
+    o.add_argument(
+        "--warmdown-ratio", type=float, default=0.4, help="fraction of steps of LR warm-down (adopted: 0.4)"
+    )
     o.add_argument(
         "--final-lr-frac", type=float, default=0.0, help="LR at the end, as a fraction of the peak"
     )

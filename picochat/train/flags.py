@@ -84,11 +84,15 @@ def add_horizon_args(group: argparse._ArgumentGroup, default_horizon: str) -> No
     )
 
 
-def add_optim_args(group: argparse._ArgumentGroup, init_lr_frac: float | None) -> None:
+def add_optim_args(
+    group: argparse._ArgumentGroup, init_lr_frac: float | None, matrix_lr: float = 0.02
+) -> None:
     """The learning rates of the Muon + AdamW groups, weight decay and gradient clipping."""
     group.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
     group.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
-    group.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
+    group.add_argument(
+        "--matrix-lr", type=float, default=matrix_lr, help="Muon LR of the transformer matrices"
+    )
     group.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the AdamW groups")
     if init_lr_frac is not None:
         group.add_argument(
