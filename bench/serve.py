@@ -1,9 +1,10 @@
 """Serving benchmark: the real picochat server under concurrent streaming clients.
 
 A child process runs `picochat.serve.app.create_app` with the `ContinuousBatchingBackend` on a randomly
-initialised depth-4 model (width 256; `train base`'s default architecture, or `--plain`) and a tokenizer trained on the bundled pretraining data, served by
-uvicorn on 127.0.0.1. This process then drives it with plain asyncio HTTP clients (cheap, so they take
-little CPU from the server on a small machine):
+initialised depth-4 model (width 256; `train base`'s default architecture, or `--plain`) and a
+tokenizer trained on the bundled pretraining data, served by uvicorn on 127.0.0.1. This process then
+drives it with plain asyncio HTTP clients (cheap, so they take little CPU from the server on a small
+machine):
 
 1. load: N concurrent streaming clients (default 16) send M requests (default 200) in total; prints
    requests/s, generated tokens/s, p50/p99 latency, time to first token and inter-token latency (the

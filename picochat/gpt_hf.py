@@ -1,21 +1,23 @@
 """The GPT in Hugging Face transformers' terms: `NanoChatForCausalLM` is the same (plain) architecture
 under other names; these map picochat's config and weight names onto it (used by `picochat export` and
 `picochat import`). Value embeddings, residual/x0 scalars, a QK scale and the smear are expressed by
-picochat.hf_modeling (transformers remote code an export ships with the model): hf_config then adds
-their fields and hf_state_dict_mapping their weights. Sliding windows have no transformers form.
+picochat.hf_modeling (transformers remote code an export ships with the model), and so are sliding
+windows (a per-layer mask): hf_config then adds their fields and hf_state_dict_mapping their weights.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from picochat.attention import has_value_embed
+from picochat.attention import has_value_embed, layer_window
 
 if TYPE_CHECKING:
     from picochat.gpt import GPTConfig
 
 # The architecture extras picochat.hf_modeling implements (PicochatConfig fields of the same names).
-REMOTE_CODE_EXTRAS = ("value_embeds", "resid_scalars", "qk_scale", "smear")
+REMOTE_CODE_EXTRAS = ("value_embeds", "resid_scalars", "qk_scale", "smear", "window_pattern")
+# PicochatConfig fields and their types (short_window goes with window_pattern, resolved to a size).
+REMOTE_CODE_FIELDS = {"qk_scale": float, "window_pattern": str, "short_window": int}
 
 
 def remote_code_extras(config: GPTConfig) -> list[str]:
@@ -45,8 +47,16 @@ def hf_config(config: GPTConfig) -> dict[str, Any]:
         "final_logit_softcapping": config.softcap,
         "attention_bias": False,
         "tie_word_embeddings": False,
-        **{name: getattr(config, name) for name in remote_code_extras(config)},
+        **remote_code_fields(config),
     }
+
+
+def remote_code_fields(config: GPTConfig) -> dict[str, Any]:
+    """The PicochatConfig fields of `config`'s extras; a window is written as its size in tokens."""
+    fields = {name: getattr(config, name) for name in remote_code_extras(config)}
+    if "window_pattern" in fields:
+        fields["short_window"] = next(w for i in range(config.n_layer) if (w := layer_window(config, i)))
+    return fields
 
 
 def hf_state_dict_mapping(config: GPTConfig) -> dict[str, str]:

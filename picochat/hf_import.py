@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from picochat.checkpoint import STAGES, checkpoint_dir_for, list_steps, save_checkpoint
 from picochat.common import PicochatError, run_cli
 from picochat.gpt import GPT, GPTConfig, hf_config, hf_state_dict_mapping
-from picochat.gpt_hf import REMOTE_CODE_EXTRAS
+from picochat.gpt_hf import REMOTE_CODE_EXTRAS, REMOTE_CODE_FIELDS
 from picochat.hf_tokenizer import tokenizer_from_hf
 from picochat.tokenizer import Tokenizer, tokenizer_dir
 
@@ -111,7 +111,11 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> GPTConfig:
             rope_theta=setting("rope_theta", float),
             softcap=setting("final_logit_softcapping", float),
             norm_eps=setting("rms_norm_eps", float),
-            **{name: extra_setting(hf, name) for name in REMOTE_CODE_EXTRAS if extras and name in hf},
+            **{
+                name: extra_setting(hf, name)
+                for name in (*REMOTE_CODE_EXTRAS, "short_window")
+                if extras and name in hf
+            },
         )
     except ValueError as e:  # GPTConfig's own checks (heads dividing the width, softcap range, ...)
         raise PicochatError(f"config.json describes a model picochat cannot build ({e})") from e
@@ -125,10 +129,12 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     return config
 
 
-def extra_setting(hf: dict[str, Any], name: str) -> bool | float:
-    """An architecture extra of a picochat export's config.json: a bool, or the float qk_scale."""
-    value, kind = hf[name], float if name == "qk_scale" else bool
-    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float)):
+def extra_setting(hf: dict[str, Any], name: str) -> bool | float | int | str:
+    """An architecture extra of a picochat export's config.json: a bool, the float qk_scale, the
+    window_pattern string or the int short_window."""
+    value, kind = hf[name], REMOTE_CODE_FIELDS.get(name, bool)
+    numeric = isinstance(value, (int, float)) and (isinstance(value, bool) == (kind is bool))
+    if not (isinstance(value, str) if kind is str else numeric and (kind is not int or value == int(value))):
         raise PicochatError(f"config.json has {name}={value!r}; picochat needs a {kind.__name__} here")
     return kind(value)
 

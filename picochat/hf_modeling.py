@@ -14,7 +14,10 @@ adds to transformers' `NanoChatForCausalLM` (the plain architecture, which needs
   - smear: before the first layer (and before x0 is taken), x_t += scale * sigmoid(gate(x_t[:24])) *
     x_(t-1), zero at position 0; in generation the last embedding of each row rides on the cache object
     (`picochat_last_embedding`), so a search that reorders or crops the cache (beam search, assisted
-    decoding) is not supported for such a model: use greedy or sampled generation.
+    decoding) is not supported for such a model: use greedy or sampled generation;
+  - sliding windows: a layer with a window w (window_pattern tiled over the layers, S = short, the last
+    layer always full; short_window = w) lets each token see itself and the w - 1 tokens before it,
+    by narrowing that layer's attention mask in a forward pre-hook (sdpa and eager attention).
 
 It imports nothing from picochat: a user of the exported folder needs only torch and transformers.
 """
@@ -40,10 +43,12 @@ class PicochatConfig(NanoChatConfig):
         resid_scalars: bool = False,
         qk_scale: float = 1.0,
         smear: bool = False,
+        window_pattern: str = "",
+        short_window: int = 0,
         **kwargs: Any,
     ) -> None:
         self.value_embeds, self.resid_scalars, self.qk_scale = value_embeds, resid_scalars, qk_scale
-        self.smear = smear
+        self.smear, self.window_pattern, self.short_window = smear, window_pattern, short_window
         super().__init__(**kwargs)
 
 
@@ -51,6 +56,34 @@ def has_value_embed(config: PicochatConfig, layer_idx: int) -> bool:
     """Every other layer, counted back from the last (which always has one). The same rule as
     picochat.attention.has_value_embed, restated because this file must not import picochat."""
     return config.value_embeds and layer_idx % 2 == (config.num_hidden_layers - 1) % 2
+
+
+def layer_window(config: PicochatConfig, layer_idx: int) -> int | None:
+    """Tokens layer `layer_idx` sees (itself included), None for the full context: the rule of
+    picochat.attention.layer_window, with the window size written out as short_window."""
+    pattern = config.window_pattern
+    if not pattern or layer_idx == config.num_hidden_layers - 1 or pattern[layer_idx % len(pattern)] == "L":
+        return None
+    return config.short_window
+
+
+def narrowed_to_window(
+    mask: torch.Tensor | None, queries: int, keys: int, window: int, eager: bool
+) -> torch.Tensor:
+    """A layer's attention mask (None = causal, bool = may attend, float = added to the scores) with
+    every key more than `window` - 1 positions before its query masked too. The queries are the last
+    `queries` of the `keys` positions (transformers' dynamic cache)."""
+    key_pos = torch.arange(keys, device=mask.device if mask is not None else None)
+    offset = key_pos[keys - queries :, None] - key_pos[None, :]
+    allowed = ((offset >= 0) & (offset < window))[None, None]  # (1, 1, queries, keys)
+    if mask is not None and mask.dtype != torch.bool:
+        return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+    if mask is not None:
+        allowed = mask & allowed
+    if not eager:
+        return allowed
+    scores = torch.zeros(allowed.shape, device=allowed.device)
+    return scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
 class ValueWithEmbedding(nn.Linear):
@@ -111,7 +144,22 @@ class PicochatModel(NanoChatModel):
             self._x0: torch.Tensor | None = None
             for i, layer in enumerate(self.layers):
                 layer.register_forward_pre_hook(self._mix_x0(i), with_kwargs=True)
+        for i, layer in enumerate(self.layers):
+            if window := layer_window(config, i):
+                layer.register_forward_pre_hook(self._windowed(window), with_kwargs=True)
         self.post_init()
+
+    def _windowed(self, window: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            x = args[0] if args else kwargs["hidden_states"]
+            mask, cache = kwargs.get("attention_mask"), kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length(module.self_attn.layer_idx) if cache is not None else 0
+            keys = mask.shape[-1] if mask is not None else past + x.shape[1]
+            eager = self.config._attn_implementation == "eager"
+            kwargs["attention_mask"] = narrowed_to_window(mask, x.shape[1], keys, window, eager).to(x.device)
+            return args, kwargs
+
+        return hook
 
     def _smear_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         x, rest = _split(args, kwargs)

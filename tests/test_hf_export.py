@@ -122,13 +122,15 @@ def test_chat_template_ids_match_render_for_completion(tokenizer, hf_tok, messag
         {"resid_scalars": True, "qk_scale": 1.3},
         {"value_embeds": True, "resid_scalars": True, "vocab_multiple": 64, "smear": True},
         {"smear": True},
+        {"window_pattern": "SL", "short_window": 8},
+        {"value_embeds": True, "smear": True, "qk_scale": 1.3, "window_pattern": "SSSL", "short_window": 5},
     ],
-    ids=["value_embeds", "scalars_qk_scale", "all_padded", "smear"],
+    ids=["value_embeds", "scalars_qk_scale", "all_padded", "smear", "windows", "defaults_windows"],
 )
 def test_architecture_extras_export_with_their_code_and_match(tmp_path, tokenizer, extras):
-    """Value embeddings, residual/x0 scalars, a QK scale and the smear load through the shipped
-    modeling_picochat.py (trust_remote_code) with the same logits and greedy tokens; a padded
-    vocabulary exports unpadded."""
+    """Value embeddings, residual/x0 scalars, a QK scale, the smear and sliding windows (shorter than the
+    20-token prompt, so the cached decode crosses them) load through the shipped modeling_picochat.py
+    (trust_remote_code) with the same logits and greedy tokens; a padded vocabulary exports unpadded."""
     config = GPTConfig(
         sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
         **extras,

@@ -66,8 +66,8 @@ def _edit(path: Path, change: Callable[[dict], object]) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
-def _imported_weights() -> dict[str, torch.Tensor]:
-    ckpt = checkpoint_dir_for("imported", "d1")
+def _imported_weights(tag: str = "d1") -> dict[str, torch.Tensor]:
+    ckpt = checkpoint_dir_for("imported", tag)
     return load_file(str(step_dir(ckpt, list_steps(ckpt)[-1]) / "model.safetensors"))
 
 
@@ -105,25 +105,32 @@ def test_a_republished_folder_imports_identically(folder, export):
 
 
 def test_an_export_with_architecture_extras_imports_back_identically(tmp_path, monkeypatch):
-    """Value embeddings, residual/x0 scalars, a QK scale and the smear survive export -> import: same
-    config, same weights (the shipped modeling_picochat.py is read by transformers only, never run by
-    the import)."""
+    """Value embeddings, residual/x0 scalars, a QK scale, the smear and sliding windows survive export
+    -> import: same config, same weights (the shipped modeling_picochat.py is read by transformers
+    only, never run by the import)."""
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
     tokenizer = Tokenizer.train_from_iterator(TEXTS, vocab_size=400)
     config = GPTConfig(
-        sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=1,
-        n_embd=32, value_embeds=True, resid_scalars=True, qk_scale=1.25, smear=True,
+        sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1,
+        n_embd=32, value_embeds=True, resid_scalars=True, qk_scale=1.25, smear=True, window_pattern="S",
+        short_window=8,
     )  # fmt: skip
     state = random_model(config).state_dict()
     (tmp_path / "out").mkdir()
     write_export(tmp_path / "out", state, config, tokenizer, "card\n")
     assert import_main([str(tmp_path / "out")]) == 0
-    model, _, _ = load_model("imported", "d1", device="cpu")
+    model, _, _ = load_model("imported", "d2", device="cpu")
     assert model.config == config
-    weights = _imported_weights()
+    weights = _imported_weights("d2")
     assert weights.keys() == state.keys() and all(torch.equal(weights[k], v) for k, v in state.items())
     _edit(tmp_path / "out" / "config.json", lambda c: c.update(value_embeds="yes"))
     with pytest.raises(PicochatError, match="value_embeds='yes'; picochat needs a bool"):
+        import_main([str(tmp_path / "out"), "--model-tag", "again"])
+    _edit(tmp_path / "out" / "config.json", lambda c: c.update(value_embeds=True, short_window=2.5))
+    with pytest.raises(PicochatError, match="short_window=2.5; picochat needs a int"):
+        import_main([str(tmp_path / "out"), "--model-tag", "again"])
+    _edit(tmp_path / "out" / "config.json", lambda c: c.update(short_window=8, window_pattern=3))
+    with pytest.raises(PicochatError, match="window_pattern=3; picochat needs a str"):
         import_main([str(tmp_path / "out"), "--model-tag", "again"])
 
 
