@@ -75,7 +75,9 @@ else
   SIZE=(--depth "$DEPTH" --max-seq-len 2048 --device-batch-size "$DEVICE_BATCH_SIZE"
         --target-param-data-ratio "$RATIO")
   PLAN=("${SIZE[@]}" --nproc "$NPROC" --gpu "${GPU:-h100}" --vocab-size 65536)
-  BASE=("${SIZE[@]}" --run speedrun)
+  # Full attention everywhere: on CUDA picochat runs a sliding-window layer as masked SDPA (the
+  # memory-efficient kernel over the whole square), likely slower than flash; docs/recipe.md.
+  BASE=("${SIZE[@]}" --window-pattern L --run speedrun)
   BASE_EVAL=()
   MID=(--device-batch-size "$DEVICE_BATCH_SIZE" --run speedrun-mid)
   SFT=(--run speedrun-sft)

@@ -51,11 +51,15 @@ def test_the_config_is_plain_by_default_and_the_plain_model_has_no_extras():
 
 def test_train_base_adopts_the_measured_extras_and_the_plain_model_is_one_switch_away():
     adopted = GPTConfig(**flags.architecture_config(base.build_parser().parse_args([])))
-    assert architecture_extras(adopted) == {"value_embeds": True, "qk_scale": 1.3, "smear": True}
+    assert architecture_extras(adopted) == {
+        "value_embeds": True, "qk_scale": 1.3, "smear": True, "window_pattern": "SSSL"
+    }  # fmt: skip
     for argv in (["--plain"], ["--plain", "--smear", "--qk-scale", "2"]):  # --plain wins over extras
         assert GPTConfig(**flags.architecture_config(base.build_parser().parse_args(argv))) == GPTConfig()
     one_off = flags.architecture_config(base.build_parser().parse_args(["--no-smear"]))
-    assert architecture_extras(GPTConfig(**one_off)) == {"value_embeds": True, "qk_scale": 1.3}
+    assert architecture_extras(GPTConfig(**one_off)) == {
+        "value_embeds": True, "qk_scale": 1.3, "window_pattern": "SSSL"
+    }  # fmt: skip
 
 
 def test_train_base_adopts_the_measured_schedule_and_the_later_stages_keep_theirs():

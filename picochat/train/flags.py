@@ -201,9 +201,9 @@ def add_architecture_args(group: argparse._ArgumentGroup) -> None:
         help="pad the embedding and lm_head rows to a multiple of this (e.g. 64; padding is never sampled)",
     )  # fmt: skip
     group.add_argument(
-        "--window-pattern", type=_window_pattern, default="",
-        help="sliding-window attention per layer, tiled: S = short window, L = full context, e.g. SSSL; "
-        "the last layer is always L ('' = all full)",
+        "--window-pattern", type=_window_pattern, default="SSSL",
+        help="sliding-window attention per layer, tiled: S = short window, L = full context (adopted: "
+        "SSSL; the last layer is always L; L or '' = all full)",
     )  # fmt: skip
     group.add_argument(
         "--short-window", type=_positive(int, zero=True), default=0,
