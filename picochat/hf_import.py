@@ -133,8 +133,8 @@ def extra_setting(hf: dict[str, Any], name: str) -> bool | float | int | str:
     """An architecture extra of a picochat export's config.json: a bool, the float qk_scale, the
     window_pattern string or the int short_window."""
     value, kind = hf[name], REMOTE_CODE_FIELDS.get(name, bool)
-    numeric = isinstance(value, (int, float)) and (isinstance(value, bool) == (kind is bool))
-    if not (isinstance(value, str) if kind is str else numeric and (kind is not int or value == int(value))):
+    accepted = {bool: (bool,), str: (str,), int: (int,), float: (int, float)}[kind]
+    if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
         raise PicochatError(f"config.json has {name}={value!r}; picochat needs a {kind.__name__} here")
     return kind(value)
 
