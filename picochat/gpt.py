@@ -23,6 +23,9 @@ above, the one transformers can load; `architecture_extras` names the ones a con
   - window_pattern / short_window: sliding-window attention per layer (see picochat.attention);
   - smear: each position's normed token embedding gets a gated share of the previous token's (`Smear`),
     a bigram feature before the first block; a KV cache keeps each row's token ids for it;
+  - bigram_embeds: a hashed (previous token, token) -> vector table of bigram_embeds * vocab_size rows
+    (`bigram_rows`); its normed vector times a learned scale (0 at init, so the model starts plain) is
+    added to the input embedding;
   - rope_theta (plain and exportable, but a candidate too): the rotary base.
 
 Dtypes: on GPU the trainer runs the forward under bf16 autocast; on CPU everything is fp32. The rotary
@@ -90,6 +93,7 @@ class GPTConfig:
     window_pattern: str = ""  # S = short window, L = full context, tiled over layers; "" = all L
     short_window: int = 0  # tokens a short-window layer sees, itself included; 0 = sequence_len // 8
     smear: bool = False
+    bigram_embeds: int = 0  # bigram hash table rows = this times vocab_size; 0 = no table
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -102,8 +106,8 @@ class GPTConfig:
             raise ValueError(f"head_dim {self.n_embd // self.n_head} must be even for rotary embeddings")
         if not isinstance(self.window_pattern, str) or set(self.window_pattern) - set("SL"):
             raise ValueError(f"window_pattern {self.window_pattern!r} may hold only S (short) and L (long)")
-        if self.short_window < 0 or self.vocab_multiple < 1 or not self.qk_scale > 0:
-            raise ValueError("short_window must be >= 0, vocab_multiple >= 1 and qk_scale > 0")
+        if min(self.short_window, self.bigram_embeds) < 0 or self.vocab_multiple < 1 or not self.qk_scale > 0:
+            raise ValueError("short_window, bigram_embeds >= 0, vocab_multiple >= 1 and qk_scale > 0, please")
 
     @property
     def head_dim(self) -> int:
@@ -124,6 +128,7 @@ EXTRA_FIELDS = (
     "window_pattern",
     "short_window",
     "smear",
+    "bigram_embeds",
 )
 
 
@@ -135,7 +140,7 @@ def architecture_extras(config: GPTConfig) -> dict[str, Any]:
     """
     extras = {
         name: getattr(config, name)
-        for name in ("value_embeds", "resid_scalars", "qk_scale", "smear")
+        for name in ("value_embeds", "resid_scalars", "qk_scale", "smear", "bigram_embeds")
         if getattr(config, name) != GPTConfig.__dataclass_fields__[name].default
     }
     if config.padded_vocab_size != config.vocab_size:
@@ -166,6 +171,17 @@ class Smear(nn.Module):
 
     def forward(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         return x + self.scale * torch.sigmoid(self.gate(x[..., :SMEAR_CHANNELS])) * previous
+
+
+# Odd 32-bit multipliers that scatter the two ids of a bigram over the hash table's rows.
+BIGRAM_HASH = (2654435761, 2246822519)
+
+
+def bigram_rows(previous: torch.Tensor, has_one: torch.Tensor, idx: torch.Tensor, rows: int) -> torch.Tensor:
+    """The hash-table row of each (previous token, token) pair; a token without a predecessor (a row's
+    first position) hashes as the pair (none, token). int64 arithmetic: no product overflows."""
+    first = torch.where(has_one, previous + 1, 0) * BIGRAM_HASH[0]
+    return torch.bitwise_xor(first, idx * BIGRAM_HASH[1]) % rows
 
 
 class ReluSquared(torch.autograd.Function):
@@ -243,6 +259,9 @@ class GPT(nn.Module):
             )
         if config.smear:
             self.smear = Smear()
+        if config.bigram_embeds:
+            self.bigram_embed = nn.Embedding(config.bigram_embeds * config.vocab_size, config.n_embd)
+            self.bigram_scale = nn.Parameter(torch.zeros(1))
         if config.resid_scalars:
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
@@ -260,7 +279,8 @@ class GPT(nn.Module):
         1/sqrt(n_embd); output projections of attention and MLP zero, so each block starts as the
         identity and the residual stream is not disturbed; lm_head small (std 0.001) so the first
         predictions are near uniform. Extras: value embeddings like c_v's input, their gates zero (gate
-        1), residual scalars 1 and x0 scalars X0_LAMBDA_INIT, the smear's scale 0 and gate small positive.
+        1), residual scalars 1 and x0 scalars X0_LAMBDA_INIT, the smear's scale 0 and gate small positive,
+        the bigram table like the token embedding and its scale 0.
         """
         c = self.config
         bound = math.sqrt(3.0 / c.n_embd)  # uniform(-b, b) has std b / sqrt(3)
@@ -281,6 +301,9 @@ class GPT(nn.Module):
         if c.smear:
             nn.init.uniform_(self.smear.gate.weight, 0.0, 0.02)
             nn.init.zeros_(self.smear.scale)
+        if c.bigram_embeds:
+            nn.init.normal_(self.bigram_embed.weight, mean=0.0, std=1.0)
+            nn.init.zeros_(self.bigram_scale)
         device = self.lm_head.weight.device
         self.cos, self.sin = rotary_tables(self.cos.size(0), c.head_dim, c.rope_theta, device)
 
@@ -344,8 +367,13 @@ class GPT(nn.Module):
             masks = cache_masks(self.windows, causal, positions, additive)
 
         x = x0 = norm(self.transformer.wte(idx), c.norm_eps)
+        if c.smear or c.bigram_embeds:
+            previous, has_one = self._previous_tokens(idx, kv_cache, positions)
         if c.smear:
-            x = x0 = self.smear(x, self._previous_embeddings(x, idx, kv_cache, positions))
+            x = x0 = self.smear(x, self._previous_embeddings(x, previous, has_one, kv_cache))
+        if c.bigram_embeds:
+            rows = bigram_rows(previous, has_one, idx, self.bigram_embed.num_embeddings)
+            x = x0 = x + self.bigram_scale * norm(self.bigram_embed(rows), c.norm_eps)
         for i, block in enumerate(self.transformer.h):
             if c.resid_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
@@ -360,14 +388,24 @@ class GPT(nn.Module):
             return self._logits(x, head, capped)
         return self._loss(x, targets, loss_reduction)
 
+    @staticmethod
+    def _previous_tokens(
+        idx: torch.Tensor, kv_cache: KVCache | None, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's predecessor in its row (B, T) and whether it has one (not at a row's first
+        position); with a cache, the predecessor of a call's first token is the row's last cached one."""
+        if kv_cache is not None:
+            return kv_cache.previous_tokens(idx, positions)
+        has_one = torch.ones_like(idx, dtype=torch.bool)
+        has_one[:, 0] = False
+        return F.pad(idx[:, :-1], (1, 0)), has_one
+
     def _previous_embeddings(
-        self, x: torch.Tensor, idx: torch.Tensor, kv_cache: KVCache | None, positions: torch.Tensor | None
+        self, x: torch.Tensor, previous: torch.Tensor, has_one: torch.Tensor, kv_cache: KVCache | None
     ) -> torch.Tensor:
-        """The normed embedding (x) of each token's predecessor, zero at a row's first position; with
-        a cache, the predecessor of a call's first token is the row's last cached token."""
-        if kv_cache is None:
+        """The normed embedding (x) of each token's predecessor, zero at a row's first position."""
+        if kv_cache is None:  # the predecessors' embeddings are x shifted by one
             return F.pad(x[:, :-1], (0, 0, 1, 0))
-        previous, has_one = kv_cache.previous_tokens(idx, positions)
         return norm(self.transformer.wte(previous), self.config.norm_eps) * has_one[..., None]
 
     def _logits(self, x: torch.Tensor, head: Any = None, capped: bool = True) -> torch.Tensor:
@@ -412,8 +450,8 @@ class GPT(nn.Module):
         picochat.optim.
 
         The embedding and lm_head learning rates are given for a 768-wide model and scaled by
-        (n_embd / 768)^-0.5 (value embeddings share the token embedding's); `scalar_lr` is the residual
-        scalars' (resid_scalars), unscaled. Every param group records its starting lr as `initial_lr`
+        (n_embd / 768)^-0.5 (value and bigram embeddings share the token embedding's); `scalar_lr` is the
+        residual scalars' (resid_scalars), unscaled. Every param group records its starting lr as `initial_lr`
         for the trainer's LR schedule.
         """
         from picochat.optim import build_optimizers
@@ -422,6 +460,7 @@ class GPT(nn.Module):
         embeddings = [
             *self.transformer.wte.parameters(),
             *getattr(self, "value_embeds", nn.ModuleDict()).parameters(),
+            *(self.bigram_embed.parameters() if self.config.bigram_embeds else ()),
         ]
         adam_groups = [
             (list(self.lm_head.parameters()), unembedding_lr * width_scale),
@@ -431,6 +470,8 @@ class GPT(nn.Module):
             adam_groups.append(([self.resid_lambdas, self.x0_lambdas], scalar_lr))
         if self.config.smear:  # a gate on raw embedding channels: the embedding LR, unscaled
             adam_groups.append((list(self.smear.parameters()), embedding_lr))
+        if self.config.bigram_embeds:  # a scale on a normed vector, like the smear's
+            adam_groups.append(([self.bigram_scale], embedding_lr))
         return build_optimizers(
             adam_groups=adam_groups,
             muon_params=list(self.transformer.h.parameters()),

@@ -1,8 +1,8 @@
 """The GPT in Hugging Face transformers' terms: `NanoChatForCausalLM` is the same (plain) architecture
 under other names; these map picochat's config and weight names onto it (used by `picochat export` and
-`picochat import`). Value embeddings, residual/x0 scalars, a QK scale and the smear are expressed by
-picochat.hf_modeling (transformers remote code an export ships with the model), and so are sliding
-windows (a per-layer mask): hf_config then adds their fields and hf_state_dict_mapping their weights.
+`picochat import`). Value embeddings, residual/x0 scalars, a QK scale, the smear and a bigram table are
+expressed by picochat.hf_modeling (transformers remote code an export ships with the model), and so are
+sliding windows (a per-layer mask): hf_config then adds their fields and hf_state_dict_mapping their weights.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ if TYPE_CHECKING:
     from picochat.gpt import GPTConfig
 
 # The architecture extras picochat.hf_modeling implements (PicochatConfig fields of the same names).
-REMOTE_CODE_EXTRAS = ("value_embeds", "resid_scalars", "qk_scale", "smear", "window_pattern")
+REMOTE_CODE_EXTRAS = ("value_embeds", "resid_scalars", "qk_scale", "smear", "window_pattern", "bigram_embeds")
 # PicochatConfig fields and their types (short_window goes with window_pattern, resolved to a size).
-REMOTE_CODE_FIELDS = {"qk_scale": float, "window_pattern": str, "short_window": int}
+REMOTE_CODE_FIELDS = {"qk_scale": float, "window_pattern": str, "short_window": int, "bigram_embeds": int}
 
 
 def remote_code_extras(config: GPTConfig) -> list[str]:
@@ -88,4 +88,6 @@ def hf_state_dict_mapping(config: GPTConfig) -> dict[str, str]:
         mapping |= {"resid_lambdas": "model.resid_lambdas", "x0_lambdas": "model.x0_lambdas"}
     if config.smear:
         mapping |= {"smear.gate.weight": "model.smear.gate.weight", "smear.scale": "model.smear.scale"}
+    if config.bigram_embeds:
+        mapping |= {"bigram_embed.weight": "model.bigram_embed.weight", "bigram_scale": "model.bigram_scale"}
     return mapping

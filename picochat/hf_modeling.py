@@ -1,9 +1,10 @@
 """transformers code for picochat models with architecture extras (shipped as modeling_picochat.py).
 
 `picochat export` copies this file, unchanged, into the folder of a model trained with value embeddings,
-residual/x0 scalars, a QK scale or the smear, and points config.json's `auto_map` at it, so that
-`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` builds the same model. It only
-adds to transformers' `NanoChatForCausalLM` (the plain architecture, which needs no code of ours):
+residual/x0 scalars, a QK scale, the smear, sliding windows or a bigram table, and points config.json's
+`auto_map` at it, so that `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` builds
+the same model. It only adds to transformers' `NanoChatForCausalLM` (the plain architecture, which
+needs no code of ours):
 
   - value embeddings: on the layers that have one, `v_proj` becomes `ValueWithEmbedding`, which adds
     2 * sigmoid(ve_gate(x)) times the token's value embedding to V (per key/value head), exactly as
@@ -15,6 +16,10 @@ adds to transformers' `NanoChatForCausalLM` (the plain architecture, which needs
     x_(t-1), zero at position 0; in generation the last embedding of each row rides on the cache object
     (`picochat_last_embedding`), so a search that reorders or crops the cache (beam search, assisted
     decoding) is not supported for such a model: use greedy or sampled generation;
+  - bigram table: after the smear (and before x0 is taken), x_t += bigram_scale *
+    rms_norm(bigram_embed[row(token_(t-1), token_t)]), `bigram_row` being picochat.gpt.bigram_rows; in
+    generation the last token id of each row rides on the cache (`picochat_last_token`), with the
+    same limits as the smear's;
   - sliding windows: a layer with a window w (window_pattern tiled over the layers, S = short, the last
     layer always full; short_window = w) lets each token see itself and the w - 1 tokens before it,
     by narrowing that layer's attention mask in a forward pre-hook (sdpa and eager attention).
@@ -45,8 +50,10 @@ class PicochatConfig(NanoChatConfig):
         smear: bool = False,
         window_pattern: str = "",
         short_window: int = 0,
+        bigram_embeds: int = 0,
         **kwargs: Any,
     ) -> None:
+        self.bigram_embeds = bigram_embeds
         self.value_embeds, self.resid_scalars, self.qk_scale = value_embeds, resid_scalars, qk_scale
         self.smear, self.window_pattern, self.short_window = smear, window_pattern, short_window
         super().__init__(**kwargs)
@@ -84,6 +91,15 @@ def narrowed_to_window(
         return allowed
     scores = torch.zeros(allowed.shape, device=allowed.device)
     return scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+BIGRAM_HASH = (2654435761, 2246822519)  # picochat.gpt.BIGRAM_HASH
+
+
+def bigram_row(previous: torch.Tensor, has_one: torch.Tensor, ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """The bigram table's row of each (previous token, token) pair: picochat.gpt.bigram_rows, restated."""
+    first = torch.where(has_one, previous + 1, 0) * BIGRAM_HASH[0]
+    return torch.bitwise_xor(first, ids * BIGRAM_HASH[1]) % rows
 
 
 class ValueWithEmbedding(nn.Linear):
@@ -138,6 +154,11 @@ class PicochatModel(NanoChatModel):
         if config.smear:  # registered first: the x0 hook must see the smeared embedding
             self.smear = Smear()
             self.layers[0].register_forward_pre_hook(self._smear_hook, with_kwargs=True)
+        self._input_ids: torch.Tensor | None = None
+        if config.bigram_embeds:  # after the smear, before x0: the order of picochat.gpt.GPT.forward
+            self.bigram_embed = nn.Embedding(config.bigram_embeds * config.vocab_size, config.hidden_size)
+            self.bigram_scale = nn.Parameter(torch.zeros(1))
+            self.layers[0].register_forward_pre_hook(self._bigram_hook, with_kwargs=True)
         if config.resid_scalars:
             self.resid_lambdas = nn.Parameter(torch.ones(config.num_hidden_layers))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.num_hidden_layers))
@@ -173,6 +194,22 @@ class PicochatModel(NanoChatModel):
             cache.picochat_last_embedding = x[:, -1:]
         return (self.smear(x, previous), *rest), kwargs
 
+    def _bigram_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x, rest = _split(args, kwargs)
+        ids, cache = self._input_ids, kwargs.get("cache", kwargs.get("past_key_values"))
+        if ids is None:
+            raise ValueError("a picochat model with a bigram table needs input_ids, not inputs_embeds")
+        last = getattr(cache, "picochat_last_token", None)
+        if last is None:  # a fresh cache, or none: nothing came before this call's tokens
+            last = torch.zeros_like(ids[:, :1])
+        previous = torch.cat([last, ids[:, :-1]], dim=1)
+        has_one = (kwargs["position_ids"] > 0).expand_as(ids)
+        if cache is not None:
+            cache.picochat_last_token = ids[:, -1:]
+        rows = bigram_row(previous, has_one, ids, self.bigram_embed.num_embeddings)
+        vectors = nn.functional.rms_norm(self.bigram_embed(rows), (x.size(-1),), eps=self.config.rms_norm_eps)
+        return (x + (self.bigram_scale * vectors).to(x.dtype), *rest), kwargs
+
     def _mix_x0(self, i: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             x, rest = _split(args, kwargs)
@@ -183,6 +220,7 @@ class PicochatModel(NanoChatModel):
         return hook
 
     def forward(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        self._input_ids = input_ids
         for layer in self.layers:
             if isinstance(layer.self_attn.v_proj, ValueWithEmbedding):
                 layer.self_attn.v_proj.input_ids = input_ids
@@ -192,7 +230,7 @@ class PicochatModel(NanoChatModel):
             for layer in self.layers:
                 if isinstance(layer.self_attn.v_proj, ValueWithEmbedding):
                     layer.self_attn.v_proj.input_ids = None
-            self._x0 = None
+            self._x0 = self._input_ids = None
 
 
 class PicochatForCausalLM(NanoChatForCausalLM):

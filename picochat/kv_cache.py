@@ -21,8 +21,8 @@ class KVCache:
     by `insert_prefill` from another cache (prefill a prompt once with batch 1, copy it into N rows to
     sample N continuations, or into a free row for continuous batching) while other rows keep decoding.
     A forward pass of T tokens appends them to every row at that row's own position. For a model with
-    `smear` (`keep_tokens`), `tokens` (batch_size, max_len) also holds the token ids, so each token's
-    predecessor is known at any position (`previous_tokens`).
+    `smear` or `bigram_embeds` (`keep_tokens`), `tokens` (batch_size, max_len) also holds the token
+    ids, so each token's predecessor is known at any position (`previous_tokens`).
     """
 
     def __init__(
@@ -57,7 +57,7 @@ class KVCache:
             c.head_dim,
             device=weight.device,
             dtype=dtype or weight.dtype,
-            keep_tokens=c.smear,
+            keep_tokens=c.smear or c.bigram_embeds > 0,
         )
 
     def reset(self, rows: list[int] | None = None) -> None:

@@ -84,7 +84,11 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("extras", [{}, {"value_embeds": True, "smear": True}], ids=["plain", "ve_smear"])
+@pytest.mark.parametrize(
+    "extras",
+    [{}, {"value_embeds": True, "smear": True, "bigram_embeds": 2}],
+    ids=["plain", "ve_smear_bigram"],
+)
 def test_concurrent_replies_equal_replies_run_alone(tok, extras):
     model = model_for(tok, extras=extras)
     sizes = record_batch_sizes(model)

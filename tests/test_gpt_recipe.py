@@ -32,6 +32,7 @@ SWITCHES = {
     "vocab_multiple": {"vocab_multiple": 64},
     "window_pattern": {"window_pattern": "SL", "short_window": 4},
     "smear": {"smear": True},
+    "bigram_embeds": {"bigram_embeds": 2},
 }
 ALL_ON = {k: v for setting in SWITCHES.values() for k, v in setting.items()}
 
@@ -82,7 +83,8 @@ def test_each_switch_changes_the_forward(switch):
             state[name] = torch.cat([state[name], 100.0 * torch.ones(64 - VOCAB, state[name].size(1))])
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(
-        "value_embeds" in n or "lambdas" in n or "ve_gate" in n or "smear" in n for n in missing
+        "value_embeds" in n or "lambdas" in n or "ve_gate" in n or "smear" in n or "bigram" in n
+        for n in missing
     )
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -264,11 +266,13 @@ def test_hf_export_accepts_the_plain_architecture_and_a_window_pattern_with_no_s
 def test_train_base_flags_set_the_config_and_refuse_bad_values():
     argv = ["--value-embeds", "--resid-scalars", "--rope-theta", "1e5", "--qk-scale", "1.2"]
     argv += ["--vocab-multiple", "64", "--window-pattern", "sssl", "--short-window", "128", "--smear"]
-    got = flags.architecture_config(base.build_parser().parse_args(argv))
+    got = flags.architecture_config(base.build_parser().parse_args([*argv, "--bigram-embeds", "3"]))
     assert got == {
         "value_embeds": True, "resid_scalars": True, "rope_theta": 1e5, "qk_scale": 1.2,
         "vocab_multiple": 64, "window_pattern": "SSSL", "short_window": 128, "smear": True,
+        "bigram_embeds": 3,
     }  # fmt: skip
-    for bad in (["--window-pattern", "SXL"], ["--qk-scale", "0"], ["--vocab-multiple", "-64"]):
+    bad_values = (["--window-pattern", "SXL"], ["--qk-scale", "0"], ["--vocab-multiple", "-64"])
+    for bad in (*bad_values, ["--bigram-embeds", "-1"], ["--bigram-embeds", "1.5"]):
         with pytest.raises(SystemExit):
             base.build_parser().parse_args(bad)

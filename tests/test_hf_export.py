@@ -124,8 +124,19 @@ def test_chat_template_ids_match_render_for_completion(tokenizer, hf_tok, messag
         {"smear": True},
         {"window_pattern": "SL", "short_window": 8},
         {"value_embeds": True, "smear": True, "qk_scale": 1.3, "window_pattern": "SSSL", "short_window": 5},
+        {"bigram_embeds": 2},
+        {"bigram_embeds": 3, "smear": True, "resid_scalars": True, "vocab_multiple": 64},
     ],
-    ids=["value_embeds", "scalars_qk_scale", "all_padded", "smear", "windows", "defaults_windows"],
+    ids=[
+        "value_embeds",
+        "scalars_qk_scale",
+        "all_padded",
+        "smear",
+        "windows",
+        "defaults_windows",
+        "bigram",
+        "bigram_smear_x0",
+    ],
 )
 def test_architecture_extras_export_with_their_code_and_match(tmp_path, tokenizer, extras):
     """Value embeddings, residual/x0 scalars, a QK scale, the smear and sliding windows (shorter than the

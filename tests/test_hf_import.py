@@ -113,7 +113,7 @@ def test_an_export_with_architecture_extras_imports_back_identically(tmp_path, m
     config = GPTConfig(
         sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1,
         n_embd=32, value_embeds=True, resid_scalars=True, qk_scale=1.25, smear=True, window_pattern="S",
-        short_window=8,
+        short_window=8, bigram_embeds=2,
     )  # fmt: skip
     state = random_model(config).state_dict()
     (tmp_path / "out").mkdir()

@@ -165,7 +165,7 @@ def add_recipe_args(group: argparse._ArgumentGroup) -> None:
 # The architecture switches: flag --x-y sets GPTConfig field x_y (picochat.gpt describes each one).
 ARCHITECTURE_FIELDS = (
     "value_embeds", "resid_scalars", "rope_theta", "qk_scale", "vocab_multiple", "window_pattern",
-    "short_window", "smear",
+    "short_window", "smear", "bigram_embeds",
 )  # fmt: skip
 
 
@@ -189,6 +189,11 @@ def add_architecture_args(group: argparse._ArgumentGroup) -> None:
         "--smear", action=argparse.BooleanOptionalAction, default=True,
         help="smear (adopted): add a gated share of the previous token's embedding to each token's, "
         "before the first block",
+    )  # fmt: skip
+    group.add_argument(
+        "--bigram-embeds", type=_positive(int, zero=True), default=0, metavar="K",
+        help="a hashed (previous token, token) embedding table of K times the vocabulary's rows, added to "
+        "each token's input embedding (0 = none)",
     )  # fmt: skip
     group.add_argument("--rope-theta", type=_positive(float), default=10000.0, help="rotary base")
     group.add_argument(
