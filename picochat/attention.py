@@ -63,7 +63,7 @@ def layer_window(config: Any, layer_idx: int) -> int | None:
     pattern = config.window_pattern
     if not pattern or layer_idx == config.n_layer - 1 or pattern[layer_idx % len(pattern)] == "L":
         return None
-    return config.short_window or max(1, config.sequence_len // 8)
+    return config.short_window or max(1, config.sequence_len // 16)
 
 
 def has_value_embed(config: Any, layer_idx: int) -> bool:

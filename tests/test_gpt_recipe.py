@@ -133,7 +133,7 @@ def test_sliding_window_attention_sees_exactly_its_window():
 
 def test_window_pattern_is_tiled_and_the_last_layer_is_always_long():
     config = GPTConfig(sequence_len=64, n_layer=6, n_head=1, n_kv_head=1, n_embd=8, window_pattern="SSL")
-    assert [layer_window(config, i) for i in range(6)] == [8, 8, None, 8, 8, None]  # an eighth
+    assert [layer_window(config, i) for i in range(6)] == [4, 4, None, 4, 4, None]  # a sixteenth
     assert layer_window(dataclasses.replace(config, short_window=16), 0) == 16
     all_short = dataclasses.replace(config, window_pattern="S")
     assert [layer_window(all_short, i) for i in range(6)][-1] is None

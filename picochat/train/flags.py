@@ -212,7 +212,7 @@ def add_architecture_args(group: argparse._ArgumentGroup) -> None:
     )  # fmt: skip
     group.add_argument(
         "--short-window", type=_positive(int, zero=True), default=0,
-        help="tokens a short-window layer sees, itself included (0 = an eighth of --max-seq-len, "
+        help="tokens a short-window layer sees, itself included (0 = a sixteenth of --max-seq-len, "
         "the adopted default)",
     )  # fmt: skip
 
