@@ -107,7 +107,7 @@ class GPTConfig:
         if not isinstance(self.window_pattern, str) or set(self.window_pattern) - set("SL"):
             raise ValueError(f"window_pattern {self.window_pattern!r} may hold only S (short) and L (long)")
         if min(self.short_window, self.bigram_embeds) < 0 or self.vocab_multiple < 1 or not self.qk_scale > 0:
-            raise ValueError("short_window, bigram_embeds >= 0, vocab_multiple >= 1 and qk_scale > 0, please")
+            raise ValueError("short_window and bigram_embeds must be >= 0, vocab_multiple >= 1, qk_scale > 0")
 
     @property
     def head_dim(self) -> int:
