@@ -20,8 +20,10 @@ Memory per GPU is the sum of (bytes, N = parameters):
     forward pass on the CPU (fp32, flash attention: nothing scales with T^2); tests/test_plan.py
     checks them against that measurement at other sizes. torch.compile can only save fewer;
   - a fixed reserve for the CUDA context, kernels' workspace and allocator fragmentation.
-The result is an estimate for eager bf16 training; it agrees with nanochat's experience (d26 at 16 rows
-of 2048 tokens fits an 80 GB H100 and 32 rows do not).
+The result is an estimate for eager bf16 training; for the plain architecture it agrees with nanochat's
+experience (d26 at 16 rows of 2048 tokens fits an 80 GB H100 and 32 rows do not). The model is the one
+`train base`'s architecture flags build (the same flags here): value embeddings and a bigram table add
+parameters, so gradients and optimizer state, but no scaling parameters.
 
 MFU: nanochat's first bf16 leaderboard run (d24, 8xH100) did 4.33e19 FLOPs in 10,949 s, 4.9e14 FLOP/s
 per GPU, 50% of the H100's 989 TFLOP/s dense bf16 peak, with the same FLOPs-per-token formula. picochat
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 
 from picochat.common import PicochatError, run_cli
+from picochat.train import flags
 
 GIB = 2**30
 ACT_COMPUTE_PER_LAYER = 16  # per token, in units of n_embd values (measured, see the docstring)
@@ -65,17 +68,22 @@ GPUS = {
 }
 
 
-def build_model(depth: int, seq_len: int, vocab_size: int, aspect_ratio: int = 64, head_dim: int = 64) -> Any:
-    """The GPT that `picochat train base --depth ...` builds, on the meta device (no memory, no time)."""
+def build_model(
+    depth: int,
+    seq_len: int,
+    vocab_size: int,
+    aspect_ratio: int = 64,
+    head_dim: int = 64,
+    architecture: dict[str, Any] | None = None,
+) -> Any:
+    """The GPT that `picochat train base --depth ...` builds, on the meta device (no memory, no time).
+    `architecture`: GPTConfig's extras (`flags.architecture_config`); None = the plain model."""
     from picochat.gpt import GPT, GPTConfig
     from picochat.train.base import model_shape
 
+    shape = model_shape(depth, aspect_ratio, head_dim)
     with torch.device("meta"):
-        return GPT(
-            GPTConfig(
-                sequence_len=seq_len, vocab_size=vocab_size, **model_shape(depth, aspect_ratio, head_dim)
-            )
-        )
+        return GPT(GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, **shape, **(architecture or {})))
 
 
 def activation_bytes(config: Any, rows: int, compute_bytes: int) -> int:
@@ -108,7 +116,8 @@ def make_run_plan(args: argparse.Namespace) -> dict[str, Any]:
         raise PicochatError("--nproc and --nodes must be at least 1, --mfu in (0, 1], --price not negative")
     gpu = GPUS[args.gpu]
     world_size = args.nproc * args.nodes
-    model = build_model(args.depth, args.max_seq_len, args.vocab_size, args.aspect_ratio, args.head_dim)
+    shape = (args.depth, args.max_seq_len, args.vocab_size, args.aspect_ratio, args.head_dim)
+    model = build_model(*shape, architecture=flags.architecture_config(args))
     capacity = int(gpu.memory_gib * GIB)
 
     def plan_for(device_batch: int) -> tuple[Any, dict[str, int]]:
@@ -162,7 +171,7 @@ def format_plan(args: argparse.Namespace, plan: dict[str, Any]) -> str:
         [
             f"plan: depth {args.depth} on {args.nodes} x {args.nproc} {gpu.name}, context {args.max_seq_len}",
             f"  parameters        {b.num_params / 1e6:,.0f}M ({b.scaling_params / 1e6:,.0f}M scaling: "
-            "all but the token embedding)",
+            "all but the embedding tables)",
             f"  tokens            {plan['tokens'] / 1e9:,.2f}B = {b.num_iterations:,} steps x "
             f"{b.total_batch_size:,} tokens (ratio {args.target_param_data_ratio:g} x scaling parameters)",
             f"  batch per GPU     {b.device_batch_size} rows x {args.max_seq_len} tokens, "
@@ -221,6 +230,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--check", action="store_true", help="exit with an error if the run does not fit in memory"
     )
+    # The model's extras change its parameters (value embeddings, a bigram table), so memory too.
+    flags.add_architecture_args(p.add_argument_group("architecture (as train base; its defaults)"))
     return p
 
 

@@ -11,7 +11,7 @@ import torch
 from picochat import plan
 from picochat.common import PicochatError
 from picochat.gpt import GPT, GPTConfig
-from picochat.train import base
+from picochat.train import base, flags
 
 
 def small_model(depth: int, seq_len: int, vocab: int = 1024) -> GPT:
@@ -76,10 +76,10 @@ def args_for(*argv: str) -> argparse.Namespace:
 def test_plan_uses_the_base_trainers_horizon_and_batch():
     args = args_for("--depth", "12", "--nproc", "8", "--device-batch-size", "16")
     result = plan.make_run_plan(args)
-    model = plan.build_model(12, 2048, 65536)
     train_args = base.build_parser().parse_args(
         ["--depth", "12", "--max-seq-len", "2048", "--device-batch-size", "16"]
     )
+    model = plan.build_model(12, 2048, 65536, architecture=flags.architecture_config(train_args))
     expected = base.make_plan(train_args, model, 65536, 8, "cuda")
     assert result["batch"] == expected
     assert result["tokens"] == expected.num_iterations * expected.total_batch_size
@@ -89,19 +89,34 @@ def test_plan_uses_the_base_trainers_horizon_and_batch():
     assert result["cost"] == pytest.approx(result["hours"] * 8 * plan.GPUS["h100"].price)
 
 
-def test_d26_on_h100_fits_at_16_rows_not_32_as_nanochat_found(capsys):
-    assert plan.main(["--depth", "26", "--nproc", "8", "--gpu", "h100"]) == 0
+def test_plain_d26_on_h100_fits_at_16_rows_not_32_as_nanochat_found(capsys):
+    """nanochat's experience was with the plain architecture (no value embeddings)."""
+    assert plan.main(["--depth", "26", "--nproc", "8", "--gpu", "h100", "--plain"]) == 0
     out = capsys.readouterr().out
     for word in ("parameters", "tokens", "FLOPs", "h at 40% MFU", "memory per GPU", "fits", "cost", "$"):
         assert word in out
     assert "16 rows x 2048 tokens" in out  # the automatic choice: the largest that fits
-    assert plan.main(["--depth", "26", "--device-batch-size", "16", "--check"]) == 0
+    assert plan.main(["--depth", "26", "--device-batch-size", "16", "--check", "--plain"]) == 0
     with pytest.raises(
         PicochatError, match="device batch 32 needs about .* GiB per GPU.*lower --device-batch"
     ):
-        plan.main(["--depth", "26", "--device-batch-size", "32", "--check"])
+        plan.main(["--depth", "26", "--device-batch-size", "32", "--check", "--plain"])
     assert "DOES NOT FIT" in capsys.readouterr().out
-    assert plan.main(["--depth", "26", "--device-batch-size", "32", "--gpu", "h200", "--check"]) == 0
+    h200 = ["--depth", "26", "--device-batch-size", "32", "--gpu", "h200", "--check", "--plain"]
+    assert plan.main(h200) == 0
+
+
+def test_the_plan_sizes_the_architecture_train_base_would_build():
+    """Value embeddings and a bigram table add parameters (and memory) but no scaling parameters."""
+    argv = ["--depth", "12", "--device-batch-size", "8"]
+    default, plain = plan.make_run_plan(args_for(*argv)), plan.make_run_plan(args_for(*argv, "--plain"))
+    built = plan.build_model(12, 2048, 65536, architecture=flags.architecture_config(
+        base.build_parser().parse_args(["--depth", "12"])))  # fmt: skip
+    assert default["batch"].num_params == built.num_params() > plain["batch"].num_params
+    assert default["batch"].scaling_params == pytest.approx(plain["batch"].scaling_params, rel=1e-3)
+    assert default["memory"]["weights"] == 4 * built.num_params() > plain["memory"]["weights"]
+    no_table = plan.make_run_plan(args_for(*argv, "--bigram-embeds", "0"))
+    assert no_table["batch"].num_params == default["batch"].num_params - 5 * 65536 * 768 - 1  # table, scale
 
 
 def test_bad_plan_arguments_are_clear_errors():

@@ -83,7 +83,14 @@ def test_speedrun_dry_run_reads_hub_data_everywhere_and_trains_base_at_2048(tmp_
     # The plan comes first, checks memory, and plans exactly the base run that follows.
     plan, base = commands[0], commands[stages.index("picochat.train.base")]
     assert stages[0] == "picochat plan" and "--check" in plan
-    for name in ("--depth", "--max-seq-len", "--device-batch-size", "--target-param-data-ratio"):
+    for name in (
+        "--depth",
+        "--max-seq-len",
+        "--device-batch-size",
+        "--target-param-data-ratio",
+        "--window-pattern",
+        "--bigram-embeds",
+    ):  # the plan sizes the model base trains
         assert flag(plan, name) == flag(base, name), name
     assert flag(plan, "--nproc") == "8"
 
