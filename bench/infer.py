@@ -69,7 +69,7 @@ def build_engine(
         n_head=width // 64,
         n_kv_head=width // 64,
         n_embd=width,
-        **default_architecture(plain),
+        **default_architecture(context, plain),
     )
     model = GPT(config)
     model.init_weights()

@@ -87,7 +87,7 @@ def build_model(torch, side: str, depth: int, vocab: int, seq_len: int, plain: b
         from picochat.gpt import GPT, GPTConfig
         from picochat.train.flags import default_architecture
 
-        model = GPT(GPTConfig(n_embd=width, **kw, **default_architecture(plain)))
+        model = GPT(GPTConfig(n_embd=width, **kw, **default_architecture(seq_len, plain)))
     else:
         from nanochat.gpt import GPT, GPTConfig
 

@@ -57,7 +57,7 @@ def build_app(depth: int, vocab: int, max_batch_size: int, max_queue: int, conte
         n_head=width // 64,
         n_kv_head=width // 64,
         n_embd=width,
-        **default_architecture(plain),
+        **default_architecture(context, plain),
     )
     model = GPT(config)
     model.init_weights()

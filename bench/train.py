@@ -84,7 +84,8 @@ def architecture_summary(args: argparse.Namespace) -> str:
     from picochat.gpt import GPTConfig, architecture_extras
     from picochat.train.flags import architecture_config
 
-    extras = architecture_extras(GPTConfig(sequence_len=args.seq_len, **architecture_config(args)))
+    config = GPTConfig(sequence_len=args.seq_len, **architecture_config(args, args.seq_len))
+    extras = architecture_extras(config)
     return "architecture " + (", ".join(f"{k}={v}" for k, v in extras.items()) or "plain")
 
 
@@ -144,7 +145,7 @@ def worker(args: argparse.Namespace) -> dict:
         n_head=width // args.head_dim,
         n_kv_head=width // args.head_dim,
         n_embd=width,
-        **architecture_config(args),
+        **architecture_config(args, args.seq_len),
     )
     with torch.device("meta"):
         model = GPT(config)

@@ -91,7 +91,9 @@ class GPTConfig:
     qk_scale: float = 1.0
     vocab_multiple: int = 1
     window_pattern: str = ""  # S = short window, L = full context, tiled over layers; "" = all L
-    short_window: int = 0  # tokens a short-window layer sees, itself included; 0 = sequence_len // 16
+    # tokens a short-window layer sees, itself included; 0 = sequence_len // 16 (kept for checkpoints that
+    # saved 0: train base now records the number, picochat.train.flags.architecture_config)
+    short_window: int = 0
     smear: bool = False
     bigram_embeds: int = 0  # bigram hash table rows = this times vocab_size; 0 = no table
 

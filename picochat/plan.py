@@ -117,7 +117,7 @@ def make_run_plan(args: argparse.Namespace) -> dict[str, Any]:
     gpu = GPUS[args.gpu]
     world_size = args.nproc * args.nodes
     shape = (args.depth, args.max_seq_len, args.vocab_size, args.aspect_ratio, args.head_dim)
-    model = build_model(*shape, architecture=flags.architecture_config(args))
+    model = build_model(*shape, architecture=flags.architecture_config(args, args.max_seq_len))
     capacity = int(gpu.memory_gib * GIB)
 
     def plan_for(device_batch: int) -> tuple[Any, dict[str, int]]:

@@ -51,15 +51,17 @@ def test_the_config_is_plain_by_default_and_the_plain_model_has_no_extras():
 
 
 def test_train_base_adopts_the_measured_extras_and_the_plain_model_is_one_switch_away():
-    adopted = GPTConfig(**flags.architecture_config(base.build_parser().parse_args([])))
+    adopted = GPTConfig(**flags.architecture_config(base.build_parser().parse_args([]), 512))
     assert architecture_extras(adopted) == {
-        "value_embeds": True, "qk_scale": 1.3, "smear": True, "window_pattern": "SSSL"
+        "value_embeds": True, "qk_scale": 1.3, "smear": True, "window_pattern": "SSSL", "bigram_embeds": 5
     }  # fmt: skip
+    assert adopted.short_window == 32
     for argv in (["--plain"], ["--plain", "--smear", "--qk-scale", "2"]):  # --plain wins over extras
-        assert GPTConfig(**flags.architecture_config(base.build_parser().parse_args(argv))) == GPTConfig()
-    one_off = flags.architecture_config(base.build_parser().parse_args(["--no-smear"]))
+        plain = flags.architecture_config(base.build_parser().parse_args(argv), 512)
+        assert GPTConfig(**plain) == GPTConfig()
+    one_off = flags.architecture_config(base.build_parser().parse_args(["--no-smear"]), 2048)
     assert architecture_extras(GPTConfig(**one_off)) == {
-        "value_embeds": True, "qk_scale": 1.3, "window_pattern": "SSSL"
+        "value_embeds": True, "qk_scale": 1.3, "window_pattern": "SSSL", "bigram_embeds": 5
     }  # fmt: skip
 
 
@@ -266,7 +268,7 @@ def test_hf_export_accepts_the_plain_architecture_and_a_window_pattern_with_no_s
 def test_train_base_flags_set_the_config_and_refuse_bad_values():
     argv = ["--value-embeds", "--resid-scalars", "--rope-theta", "1e5", "--qk-scale", "1.2"]
     argv += ["--vocab-multiple", "64", "--window-pattern", "sssl", "--short-window", "128", "--smear"]
-    got = flags.architecture_config(base.build_parser().parse_args([*argv, "--bigram-embeds", "3"]))
+    got = flags.architecture_config(base.build_parser().parse_args([*argv, "--bigram-embeds", "3"]), 512)
     assert got == {
         "value_embeds": True, "resid_scalars": True, "rope_theta": 1e5, "qk_scale": 1.2,
         "vocab_multiple": 64, "window_pattern": "SSSL", "short_window": 128, "smear": True,
@@ -276,3 +278,13 @@ def test_train_base_flags_set_the_config_and_refuse_bad_values():
     for bad in (*bad_values, ["--bigram-embeds", "-1"], ["--bigram-embeds", "1.5"]):
         with pytest.raises(SystemExit):
             base.build_parser().parse_args(bad)
+
+
+def test_train_base_records_the_short_window_it_trains_with():
+    """0 resolves to the adopted fraction of the context in the config a checkpoint saves, so a later
+    change of the adopted window cannot change what an old checkpoint loads as."""
+    parse = base.build_parser().parse_args
+    assert flags.architecture_config(parse([]), 256)["short_window"] == 256 // flags.SHORT_WINDOW_FRACTION
+    assert flags.architecture_config(parse(["--short-window", "8"]), 256)["short_window"] == 8
+    assert flags.architecture_config(parse(["--window-pattern", "L"]), 256)["short_window"] == 0
+    assert flags.architecture_config(parse(["--plain"]), 256)["short_window"] == 0

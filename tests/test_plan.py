@@ -79,7 +79,7 @@ def test_plan_uses_the_base_trainers_horizon_and_batch():
     train_args = base.build_parser().parse_args(
         ["--depth", "12", "--max-seq-len", "2048", "--device-batch-size", "16"]
     )
-    model = plan.build_model(12, 2048, 65536, architecture=flags.architecture_config(train_args))
+    model = plan.build_model(12, 2048, 65536, architecture=flags.architecture_config(train_args, 2048))
     expected = base.make_plan(train_args, model, 65536, 8, "cuda")
     assert result["batch"] == expected
     assert result["tokens"] == expected.num_iterations * expected.total_batch_size
@@ -110,8 +110,8 @@ def test_the_plan_sizes_the_architecture_train_base_would_build():
     """Value embeddings and a bigram table add parameters (and memory) but no scaling parameters."""
     argv = ["--depth", "12", "--device-batch-size", "8"]
     default, plain = plan.make_run_plan(args_for(*argv)), plan.make_run_plan(args_for(*argv, "--plain"))
-    built = plan.build_model(12, 2048, 65536, architecture=flags.architecture_config(
-        base.build_parser().parse_args(["--depth", "12"])))  # fmt: skip
+    train_args = base.build_parser().parse_args(["--depth", "12"])
+    built = plan.build_model(12, 2048, 65536, architecture=flags.architecture_config(train_args, 2048))
     assert default["batch"].num_params == built.num_params() > plain["batch"].num_params
     assert default["batch"].scaling_params == pytest.approx(plain["batch"].scaling_params, rel=1e-3)
     assert default["memory"]["weights"] == 4 * built.num_params() > plain["memory"]["weights"]

@@ -202,7 +202,7 @@ class BaseTrainer(Trainer):
             sequence_len=args.max_seq_len,
             vocab_size=self.tokenizer.get_vocab_size(),
             **shape,
-            **flags.architecture_config(args),
+            **flags.architecture_config(args, args.max_seq_len),
         )
         torch.manual_seed(args.seed)
         with torch.device("meta"):

@@ -191,9 +191,9 @@ def add_architecture_args(group: argparse._ArgumentGroup) -> None:
         "before the first block",
     )  # fmt: skip
     group.add_argument(
-        "--bigram-embeds", type=_positive(int, zero=True), default=0, metavar="K",
+        "--bigram-embeds", type=_positive(int, zero=True), default=5, metavar="K",
         help="a hashed (previous token, token) embedding table of K times the vocabulary's rows, added to "
-        "each token's input embedding (0 = none)",
+        "each token's input embedding (adopted: 5; 0 = none)",
     )  # fmt: skip
     group.add_argument("--rope-theta", type=_positive(float), default=10000.0, help="rotary base")
     group.add_argument(
@@ -213,22 +213,32 @@ def add_architecture_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--short-window", type=_positive(int, zero=True), default=0,
         help="tokens a short-window layer sees, itself included (0 = a sixteenth of --max-seq-len, "
-        "the adopted default)",
+        "the adopted default; the checkpoint records the number)",
     )  # fmt: skip
 
 
-def architecture_config(args: argparse.Namespace) -> dict:
-    """The GPTConfig fields set by `add_architecture_args`' flags (`--plain`: GPTConfig's defaults)."""
+# The adopted short window: this fraction of the sequence when --short-window is 0.
+SHORT_WINDOW_FRACTION = 16
+
+
+def architecture_config(args: argparse.Namespace, sequence_len: int) -> dict:
+    """The GPTConfig fields set by `add_architecture_args`' flags (`--plain`: GPTConfig's defaults).
+
+    A short window left at 0 is resolved here to its number of tokens, so a checkpoint's config says
+    the window it was trained with, whatever later versions adopt."""
     plain = {name: GPTConfig.__dataclass_fields__[name].default for name in EXTRA_FIELDS}
     chosen = {name: getattr(args, name) for name in ARCHITECTURE_FIELDS}
+    if "S" in chosen["window_pattern"] and not chosen["short_window"]:
+        chosen["short_window"] = max(1, sequence_len // SHORT_WINDOW_FRACTION)
     return {**chosen, **plain} if args.plain else chosen
 
 
-def default_architecture(plain: bool = False) -> dict:
-    """The GPTConfig fields of `train base`'s default architecture, or of the plain one (benchmarks)."""
+def default_architecture(sequence_len: int, plain: bool = False) -> dict:
+    """The GPTConfig fields of `train base`'s default architecture at this context length, or of the
+    plain one (benchmarks)."""
     parser = argparse.ArgumentParser()
     add_architecture_args(parser.add_argument_group())
-    return architecture_config(parser.parse_args(["--plain"] if plain else []))
+    return architecture_config(parser.parse_args(["--plain"] if plain else []), sequence_len)
 
 
 def _positive(kind: type, zero: bool = False):
