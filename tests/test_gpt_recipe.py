@@ -55,7 +55,7 @@ def test_train_base_adopts_the_measured_extras_and_the_plain_model_is_one_switch
     assert architecture_extras(adopted) == {
         "value_embeds": True, "qk_scale": 1.3, "smear": True, "window_pattern": "SSSL", "bigram_embeds": 5
     }  # fmt: skip
-    assert adopted.short_window == 16
+    assert adopted.short_window == 8
     for argv in (["--plain"], ["--plain", "--smear", "--qk-scale", "2"]):  # --plain wins over extras
         plain = flags.architecture_config(base.build_parser().parse_args(argv), 512)
         assert GPTConfig(**plain) == GPTConfig()

@@ -212,13 +212,13 @@ def add_architecture_args(group: argparse._ArgumentGroup) -> None:
     )  # fmt: skip
     group.add_argument(
         "--short-window", type=_positive(int, zero=True), default=0,
-        help="tokens a short-window layer sees, itself included (0 = a thirty-second of --max-seq-len, "
+        help="tokens a short-window layer sees, itself included (0 = a sixty-fourth of --max-seq-len, "
         "the adopted default; the checkpoint records the number)",
     )  # fmt: skip
 
 
 # The adopted short window: this fraction of the sequence when --short-window is 0.
-SHORT_WINDOW_FRACTION = 32
+SHORT_WINDOW_FRACTION = 64
 
 
 def architecture_config(args: argparse.Namespace, sequence_len: int) -> dict:
