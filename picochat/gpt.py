@@ -274,13 +274,14 @@ class GPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, mlp_init_scale: float = 1.0) -> None:
         """Initialise every weight (also after building on the meta device and `to_empty`).
 
         Embedding N(0, 1) (it is RMS-normed right away); input projections uniform with std
-        1/sqrt(n_embd); output projections of attention and MLP zero, so each block starts as the
-        identity and the residual stream is not disturbed; lm_head small (std 0.001) so the first
-        predictions are near uniform. Extras: value embeddings like c_v's input, their gates zero (gate
+        1/sqrt(n_embd), the MLP's times `mlp_init_scale` (train base's adopted 0.4: a smaller MLP input
+        trains faster early, docs/recipe.md); output projections of attention and MLP zero, so each block
+        starts as the identity and the residual stream is not disturbed; lm_head small (std 0.001) so the
+        first predictions are near uniform. Extras: value embeddings like c_v's input, their gates zero (gate
         1), residual scalars 1 and x0 scalars X0_LAMBDA_INIT, the smear's scale 0 and gate small positive,
         the bigram table like the token embedding and its scale 0.
         """
@@ -289,8 +290,10 @@ class GPT(nn.Module):
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -bound, bound)
+            mlp_bound = mlp_init_scale * bound
+            nn.init.uniform_(block.mlp.c_fc.weight, -mlp_bound, mlp_bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:

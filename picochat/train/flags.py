@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -191,18 +193,18 @@ def add_architecture_args(group: argparse._ArgumentGroup) -> None:
         "before the first block",
     )  # fmt: skip
     group.add_argument(
-        "--bigram-embeds", type=_positive(int, zero=True), default=5, metavar="K",
+        "--bigram-embeds", type=positive(int, zero=True), default=5, metavar="K",
         help="a hashed (previous token, token) embedding table of K times the vocabulary's rows, added to "
         "each token's input embedding (adopted: 5; 0 = none)",
     )  # fmt: skip
-    group.add_argument("--rope-theta", type=_positive(float), default=10000.0, help="rotary base")
+    group.add_argument("--rope-theta", type=positive(float), default=10000.0, help="rotary base")
     group.add_argument(
-        "--qk-scale", type=_positive(float), default=1.3,
+        "--qk-scale", type=positive(float), default=1.3,
         help="multiply the attention logits by this after QK-norm (adopted: 1.3; 1 = the usual "
         "1/sqrt(head_dim))",
     )  # fmt: skip
     group.add_argument(
-        "--vocab-multiple", type=_positive(int), default=1,
+        "--vocab-multiple", type=positive(int), default=1,
         help="pad the embedding and lm_head rows to a multiple of this (e.g. 64; padding is never sampled)",
     )  # fmt: skip
     group.add_argument(
@@ -211,7 +213,7 @@ def add_architecture_args(group: argparse._ArgumentGroup) -> None:
         "SSSL; the last layer is always L; L or '' = all full)",
     )  # fmt: skip
     group.add_argument(
-        "--short-window", type=_positive(int, zero=True), default=0,
+        "--short-window", type=positive(int, zero=True), default=0,
         help="tokens a short-window layer sees, itself included (0 = a sixty-fourth of --max-seq-len, "
         "the adopted default; the checkpoint records the number)",
     )  # fmt: skip
@@ -241,7 +243,9 @@ def default_architecture(sequence_len: int, plain: bool = False) -> dict:
     return architecture_config(parser.parse_args(["--plain"] if plain else []), sequence_len)
 
 
-def _positive(kind: type, zero: bool = False):
+def positive(kind: type, zero: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite number of `kind`, above 0 (or at least 0 with `zero`)."""
+
     def parse(text: str):
         value = kind(text)
         if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
