@@ -1,5 +1,5 @@
 """Causal self-attention of the GPT: rotary embeddings, QK-norm, grouped-query SDPA, and the switchable
-extras (value embeddings mixed into V, a QK scale, sliding windows).
+extras (value embeddings mixed into V, a QK scale, sliding windows, a gate on each head's output).
 
 Plain attention (every extra off) is NanoChat's: rotate q and k, RMS-normalise them, then
 `F.scaled_dot_product_attention(is_causal=True)` (flash kernels on GPU and CPU).
@@ -126,6 +126,8 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = (
             nn.Linear(d, config.n_kv_head, bias=False) if has_value_embed(config, layer_idx) else None
         )
+        # attn_gate: per-token, per-head gate of the attention output, in (0, 2): 1 at init (zero weight).
+        self.out_gate = nn.Linear(d, self.n_head, bias=False) if config.attn_gate else None
 
     def forward(
         self,
@@ -155,4 +157,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=gqa
         )
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = y.transpose(1, 2)  # (B, T, n_head, head_dim)
+        if self.out_gate is not None:
+            y = y * (2.0 * torch.sigmoid(self.out_gate(x)))[..., None].to(y.dtype)
+        return self.c_proj(y.reshape(B, T, C))

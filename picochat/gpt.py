@@ -26,6 +26,8 @@ above, the one transformers can load; `architecture_extras` names the ones a con
   - bigram_embeds: a hashed (previous token, token) -> vector table of bigram_embeds * vocab_size rows
     (`bigram_rows`); its normed vector times a learned scale (0 at init, so the model starts plain) is
     added to the input embedding;
+  - attn_gate: each attention layer's output, per head, times 2 * sigmoid(W x) of the layer's input x
+    (W zero at init, so the gate starts at 1 and the model plain);
   - rope_theta (plain and exportable, but a candidate too): the rotary base.
 
 Dtypes: on GPU the trainer runs the forward under bf16 autocast; on CPU everything is fp32. The rotary
@@ -96,6 +98,7 @@ class GPTConfig:
     short_window: int = 0
     smear: bool = False
     bigram_embeds: int = 0  # bigram hash table rows = this times vocab_size; 0 = no table
+    attn_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -131,6 +134,7 @@ EXTRA_FIELDS = (
     "short_window",
     "smear",
     "bigram_embeds",
+    "attn_gate",
 )
 
 
@@ -142,7 +146,7 @@ def architecture_extras(config: GPTConfig) -> dict[str, Any]:
     """
     extras = {
         name: getattr(config, name)
-        for name in ("value_embeds", "resid_scalars", "qk_scale", "smear", "bigram_embeds")
+        for name in ("value_embeds", "resid_scalars", "qk_scale", "smear", "bigram_embeds", "attn_gate")
         if getattr(config, name) != GPTConfig.__dataclass_fields__[name].default
     }
     if config.padded_vocab_size != config.vocab_size:
@@ -296,8 +300,9 @@ class GPT(nn.Module):
             nn.init.uniform_(block.mlp.c_fc.weight, -mlp_bound, mlp_bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)  # gate 1: V + value embedding
+            for gate in (block.attn.ve_gate, block.attn.out_gate):
+                if gate is not None:
+                    nn.init.zeros_(gate.weight)  # gate 1: V + value embedding, the attention output as is
         for table in getattr(self, "value_embeds", {}).values():
             nn.init.uniform_(table.weight, -bound, bound)  # the scale c_v gives V at init
         if c.resid_scalars:

@@ -1,6 +1,7 @@
 """The GPT in Hugging Face transformers' terms: `NanoChatForCausalLM` is the same (plain) architecture
 under other names; these map picochat's config and weight names onto it (used by `picochat export` and
-`picochat import`). Value embeddings, residual/x0 scalars, a QK scale, the smear and a bigram table are
+`picochat import`). Value embeddings, residual/x0 scalars, a QK scale, the smear, a bigram table and
+attention output gates are
 expressed by picochat.hf_modeling (transformers remote code an export ships with the model), and so are
 sliding windows (a per-layer mask): hf_config then adds their fields and hf_state_dict_mapping their weights.
 """
@@ -15,7 +16,9 @@ if TYPE_CHECKING:
     from picochat.gpt import GPTConfig
 
 # The architecture extras picochat.hf_modeling implements (PicochatConfig fields of the same names).
-REMOTE_CODE_EXTRAS = ("value_embeds", "resid_scalars", "qk_scale", "smear", "window_pattern", "bigram_embeds")
+REMOTE_CODE_EXTRAS = (
+    "value_embeds", "resid_scalars", "qk_scale", "smear", "window_pattern", "bigram_embeds", "attn_gate",
+)  # fmt: skip
 # PicochatConfig fields and their types (short_window goes with window_pattern, resolved to a size).
 REMOTE_CODE_FIELDS = {"qk_scale": float, "window_pattern": str, "short_window": int, "bigram_embeds": int}
 
@@ -84,6 +87,9 @@ def hf_state_dict_mapping(config: GPTConfig) -> dict[str, str]:
             value = f"model.layers.{i}.self_attn.v_proj"
             mapping[f"transformer.h.{i}.attn.ve_gate.weight"] = f"{value}.ve_gate.weight"
             mapping[f"value_embeds.{i}.weight"] = f"{value}.value_embed.weight"
+        if config.attn_gate:  # picochat.hf_modeling.GatedOutput is that layer's o_proj
+            gate = f"model.layers.{i}.self_attn.o_proj.gate.weight"
+            mapping[f"transformer.h.{i}.attn.out_gate.weight"] = gate
     if config.resid_scalars:
         mapping |= {"resid_lambdas": "model.resid_lambdas", "x0_lambdas": "model.x0_lambdas"}
     if config.smear:

@@ -118,8 +118,8 @@ def check_exportable(config: GPTConfig) -> None:
         raise PicochatError(
             f"--{name.replace('_', '-')} ({name}={value!r}) is an architecture extra transformers cannot "
             "express (NanoChatForCausalLM, or picochat's exported code for value embeddings, residual "
-            "scalars, QK scale, smear, sliding windows and bigram table); export a model trained without "
-            "that flag"
+            "scalars, QK scale, smear, sliding windows, bigram table and attention gate); export a model "
+            "trained without that flag"
         )
     for field in dataclasses.fields(GPTConfig):
         if field.name in EXTRA_FIELDS:  # judged above: a setting that changes nothing is plain

@@ -1,7 +1,8 @@
 """transformers code for picochat models with architecture extras (shipped as modeling_picochat.py).
 
 `picochat export` copies this file, unchanged, into the folder of a model trained with value embeddings,
-residual/x0 scalars, a QK scale, the smear, sliding windows or a bigram table, and points config.json's
+residual/x0 scalars, a QK scale, the smear, sliding windows, a bigram table or attention output gates, and
+points config.json's
 `auto_map` at it, so that `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` builds
 the same model. It only adds to transformers' `NanoChatForCausalLM` (the plain architecture, which
 needs no code of ours):
@@ -20,6 +21,9 @@ needs no code of ours):
     rms_norm(bigram_embed[row(token_(t-1), token_t)]), `bigram_row` being picochat.gpt.bigram_rows; in
     generation the last token id of each row rides on the cache (`picochat_last_token`), with the
     same limits as the smear's;
+  - attention output gates: every layer's o_proj becomes `GatedOutput`, which multiplies each head's
+    output by 2 * sigmoid(gate(x)) before projecting, x being the attention's input (set by a forward
+    pre-hook on self_attn), as picochat.attention does;
   - sliding windows: a layer with a window w (window_pattern tiled over the layers, S = short, the last
     layer always full; short_window = w) lets each token see itself and the w - 1 tokens before it,
     by narrowing that layer's attention mask in a forward pre-hook (sdpa and eager attention).
@@ -51,9 +55,10 @@ class PicochatConfig(NanoChatConfig):
         window_pattern: str = "",
         short_window: int = 0,
         bigram_embeds: int = 0,
+        attn_gate: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.bigram_embeds = bigram_embeds
+        self.bigram_embeds, self.attn_gate = bigram_embeds, attn_gate
         self.value_embeds, self.resid_scalars, self.qk_scale = value_embeds, resid_scalars, qk_scale
         self.smear, self.window_pattern, self.short_window = smear, window_pattern, short_window
         super().__init__(**kwargs)
@@ -122,6 +127,25 @@ class ValueWithEmbedding(nn.Linear):
         return super().forward(x) + (gate[..., None] * ve).flatten(-2).to(x.dtype)
 
 
+class GatedOutput(nn.Linear):
+    """o_proj with each head's input gated by 2 * sigmoid(gate(x)); `gate_input` (x, the attention's input)
+    is set by a pre-hook on the attention module for each forward."""
+
+    def __init__(self, config: PicochatConfig) -> None:
+        super().__init__(config.hidden_size, config.hidden_size, bias=False)
+        self.gate = nn.Linear(config.hidden_size, config.num_attention_heads, bias=False)
+        self.gate_input: torch.Tensor | None = None
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        gate = 2.0 * torch.sigmoid(self.gate(self.gate_input))  # (B, T, n_head)
+        heads = y.view(*y.shape[:-1], gate.shape[-1], -1)
+        return super().forward((heads * gate[..., None].to(y.dtype)).flatten(-2))
+
+    @staticmethod
+    def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        module.o_proj.gate_input = args[0] if args else kwargs["hidden_states"]
+
+
 class Smear(nn.Module):
     """The previous token's normed embedding, gated, added to each token's (picochat.gpt.Smear)."""
 
@@ -151,6 +175,9 @@ class PicochatModel(NanoChatModel):
             layer.self_attn.scaling = config.qk_scale / head_dim**0.5
             if has_value_embed(config, i):
                 layer.self_attn.v_proj = ValueWithEmbedding(config)
+            if config.attn_gate:
+                layer.self_attn.o_proj = GatedOutput(config)
+                layer.self_attn.register_forward_pre_hook(GatedOutput.keep_input, with_kwargs=True)
         if config.smear:  # registered first: the x0 hook must see the smeared embedding
             self.smear = Smear()
             self.layers[0].register_forward_pre_hook(self._smear_hook, with_kwargs=True)

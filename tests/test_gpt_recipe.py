@@ -34,6 +34,7 @@ SWITCHES = {
     "window_pattern": {"window_pattern": "SL", "short_window": 4},
     "smear": {"smear": True},
     "bigram_embeds": {"bigram_embeds": 2},
+    "attn_gate": {"attn_gate": True},
 }
 ALL_ON = {k: v for setting in SWITCHES.values() for k, v in setting.items()}
 
@@ -105,7 +106,7 @@ def test_each_switch_changes_the_forward(switch):
             state[name] = torch.cat([state[name], 100.0 * torch.ones(64 - VOCAB, state[name].size(1))])
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(
-        "value_embeds" in n or "lambdas" in n or "ve_gate" in n or "smear" in n or "bigram" in n
+        "value_embeds" in n or "lambdas" in n or "_gate" in n or "smear" in n or "bigram" in n
         for n in missing
     )
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -292,7 +293,7 @@ def test_train_base_flags_set_the_config_and_refuse_bad_values():
     assert got == {
         "value_embeds": True, "resid_scalars": True, "rope_theta": 1e5, "qk_scale": 1.2,
         "vocab_multiple": 64, "window_pattern": "SSSL", "short_window": 128, "smear": True,
-        "bigram_embeds": 3,
+        "bigram_embeds": 3, "attn_gate": False,
     }  # fmt: skip
     bad_values = (["--window-pattern", "SXL"], ["--qk-scale", "0"], ["--vocab-multiple", "-64"])
     for bad in (*bad_values, ["--bigram-embeds", "-1"], ["--bigram-embeds", "1.5"]):

@@ -126,6 +126,8 @@ def test_chat_template_ids_match_render_for_completion(tokenizer, hf_tok, messag
         {"value_embeds": True, "smear": True, "qk_scale": 1.3, "window_pattern": "SSSL", "short_window": 5},
         {"bigram_embeds": 2},
         {"bigram_embeds": 3, "smear": True, "resid_scalars": True, "vocab_multiple": 64},
+        {"attn_gate": True},
+        {"attn_gate": True, "value_embeds": True, "smear": True, "window_pattern": "SSSL", "short_window": 5},
     ],
     ids=[
         "value_embeds",
@@ -136,6 +138,8 @@ def test_chat_template_ids_match_render_for_completion(tokenizer, hf_tok, messag
         "defaults_windows",
         "bigram",
         "bigram_smear_x0",
+        "attn_gate",
+        "attn_gate_defaults",
     ],
 )
 def test_architecture_extras_export_with_their_code_and_match(tmp_path, tokenizer, extras):

@@ -105,15 +105,15 @@ def test_a_republished_folder_imports_identically(folder, export):
 
 
 def test_an_export_with_architecture_extras_imports_back_identically(tmp_path, monkeypatch):
-    """Value embeddings, residual/x0 scalars, a QK scale, the smear and sliding windows survive export
-    -> import: same config, same weights (the shipped modeling_picochat.py is read by transformers
-    only, never run by the import)."""
+    """Value embeddings, residual/x0 scalars, a QK scale, the smear, sliding windows, a bigram table and
+    attention gates survive export -> import: same config, same weights (the shipped modeling_picochat.py
+    is read by transformers only, never run by the import)."""
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path / "home"))
     tokenizer = Tokenizer.train_from_iterator(TEXTS, vocab_size=400)
     config = GPTConfig(
         sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1,
         n_embd=32, value_embeds=True, resid_scalars=True, qk_scale=1.25, smear=True, window_pattern="S",
-        short_window=8, bigram_embeds=2,
+        short_window=8, bigram_embeds=2, attn_gate=True,
     )  # fmt: skip
     state = random_model(config).state_dict()
     (tmp_path / "out").mkdir()

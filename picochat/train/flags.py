@@ -167,7 +167,7 @@ def add_recipe_args(group: argparse._ArgumentGroup) -> None:
 # The architecture switches: flag --x-y sets GPTConfig field x_y (picochat.gpt describes each one).
 ARCHITECTURE_FIELDS = (
     "value_embeds", "resid_scalars", "rope_theta", "qk_scale", "vocab_multiple", "window_pattern",
-    "short_window", "smear", "bigram_embeds",
+    "short_window", "smear", "bigram_embeds", "attn_gate",
 )  # fmt: skip
 
 
@@ -196,6 +196,11 @@ def add_architecture_args(group: argparse._ArgumentGroup) -> None:
         "--bigram-embeds", type=positive(int, zero=True), default=5, metavar="K",
         help="a hashed (previous token, token) embedding table of K times the vocabulary's rows, added to "
         "each token's input embedding (adopted: 5; 0 = none)",
+    )  # fmt: skip
+    group.add_argument(
+        "--attn-gate", action=argparse.BooleanOptionalAction, default=False,
+        help="a learned gate on each attention head's output, 2 * sigmoid(W x) of the layer's input "
+        "(1 at init)",
     )  # fmt: skip
     group.add_argument("--rope-theta", type=positive(float), default=10000.0, help="rotary base")
     group.add_argument(
