@@ -55,7 +55,8 @@ def test_the_config_is_plain_by_default_and_the_plain_model_has_no_extras():
 def test_train_base_adopts_the_measured_extras_and_the_plain_model_is_one_switch_away():
     adopted = GPTConfig(**flags.architecture_config(base.build_parser().parse_args([]), 512))
     assert architecture_extras(adopted) == {
-        "value_embeds": True, "qk_scale": 1.3, "smear": True, "window_pattern": "SSSL", "bigram_embeds": 5
+        "value_embeds": True, "qk_scale": 1.3, "smear": True, "window_pattern": "SSSL", "bigram_embeds": 5,
+        "attn_gate": True,
     }  # fmt: skip
     assert adopted.short_window == 8
     for argv in (["--plain"], ["--plain", "--smear", "--qk-scale", "2"]):  # --plain wins over extras
@@ -63,7 +64,7 @@ def test_train_base_adopts_the_measured_extras_and_the_plain_model_is_one_switch
         assert GPTConfig(**plain) == GPTConfig()
     one_off = flags.architecture_config(base.build_parser().parse_args(["--no-smear"]), 2048)
     assert architecture_extras(GPTConfig(**one_off)) == {
-        "value_embeds": True, "qk_scale": 1.3, "window_pattern": "SSSL", "bigram_embeds": 5
+        "value_embeds": True, "qk_scale": 1.3, "window_pattern": "SSSL", "bigram_embeds": 5, "attn_gate": True
     }  # fmt: skip
 
 
@@ -293,7 +294,7 @@ def test_train_base_flags_set_the_config_and_refuse_bad_values():
     assert got == {
         "value_embeds": True, "resid_scalars": True, "rope_theta": 1e5, "qk_scale": 1.2,
         "vocab_multiple": 64, "window_pattern": "SSSL", "short_window": 128, "smear": True,
-        "bigram_embeds": 3, "attn_gate": False,
+        "bigram_embeds": 3, "attn_gate": True,
     }  # fmt: skip
     bad_values = (["--window-pattern", "SXL"], ["--qk-scale", "0"], ["--vocab-multiple", "-64"])
     for bad in (*bad_values, ["--bigram-embeds", "-1"], ["--bigram-embeds", "1.5"]):

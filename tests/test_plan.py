@@ -107,13 +107,15 @@ def test_plain_d26_on_h100_fits_at_16_rows_not_32_as_nanochat_found(capsys):
 
 
 def test_the_plan_sizes_the_architecture_train_base_would_build():
-    """Value embeddings and a bigram table add parameters (and memory) but no scaling parameters."""
+    """Value embeddings and a bigram table add parameters (and memory) but no scaling parameters; the
+    attention output gates add n_head weights per channel and layer."""
     argv = ["--depth", "12", "--device-batch-size", "8"]
     default, plain = plan.make_run_plan(args_for(*argv)), plan.make_run_plan(args_for(*argv, "--plain"))
     train_args = base.build_parser().parse_args(["--depth", "12"])
     built = plan.build_model(12, 2048, 65536, architecture=flags.architecture_config(train_args, 2048))
     assert default["batch"].num_params == built.num_params() > plain["batch"].num_params
-    assert default["batch"].scaling_params == pytest.approx(plain["batch"].scaling_params, rel=1e-3)
+    gates = 12 * 768 * 12  # layers x width x heads
+    assert default["batch"].scaling_params == pytest.approx(plain["batch"].scaling_params + gates, rel=1e-3)
     assert default["memory"]["weights"] == 4 * built.num_params() > plain["memory"]["weights"]
     no_table = plan.make_run_plan(args_for(*argv, "--bigram-embeds", "0"))
     assert no_table["batch"].num_params == default["batch"].num_params - 5 * 65536 * 768 - 1  # table, scale

@@ -198,9 +198,9 @@ def add_architecture_args(group: argparse._ArgumentGroup) -> None:
         "each token's input embedding (adopted: 5; 0 = none)",
     )  # fmt: skip
     group.add_argument(
-        "--attn-gate", action=argparse.BooleanOptionalAction, default=False,
-        help="a learned gate on each attention head's output, 2 * sigmoid(W x) of the layer's input "
-        "(1 at init)",
+        "--attn-gate", action=argparse.BooleanOptionalAction, default=True,
+        help="attention output gates (adopted): each head's output times 2 * sigmoid(W x) of the layer's "
+        "input (1 at init)",
     )  # fmt: skip
     group.add_argument("--rope-theta", type=positive(float), default=10000.0, help="rotary base")
     group.add_argument(
