@@ -282,8 +282,8 @@ class GPT(nn.Module):
         """Initialise every weight (also after building on the meta device and `to_empty`).
 
         Embedding N(0, 1) (it is RMS-normed right away); input projections uniform with std
-        1/sqrt(n_embd), the MLP's times `mlp_init_scale` (train base's adopted 0.4: a smaller MLP input
-        trains faster early, docs/recipe.md); output projections of attention and MLP zero, so each block
+        1/sqrt(n_embd), the MLP's times `mlp_init_scale` (train base's adopted 0.4, measured in
+        docs/recipe.md); output projections of attention and MLP zero, so each block
         starts as the identity and the residual stream is not disturbed; lm_head small (std 0.001) so the
         first predictions are near uniform. Extras: value embeddings like c_v's input, their gates zero (gate
         1), residual scalars 1 and x0 scalars X0_LAMBDA_INIT, the smear's scale 0 and gate small positive,

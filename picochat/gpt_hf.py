@@ -1,9 +1,9 @@
 """The GPT in Hugging Face transformers' terms: `NanoChatForCausalLM` is the same (plain) architecture
 under other names; these map picochat's config and weight names onto it (used by `picochat export` and
 `picochat import`). Value embeddings, residual/x0 scalars, a QK scale, the smear, a bigram table and
-attention output gates are
-expressed by picochat.hf_modeling (transformers remote code an export ships with the model), and so are
-sliding windows (a per-layer mask): hf_config then adds their fields and hf_state_dict_mapping their weights.
+attention output gates are expressed by picochat.hf_modeling (transformers remote code an export ships
+with the model), and so are sliding windows (a per-layer mask): hf_config then adds their fields and
+hf_state_dict_mapping their weights.
 """
 
 from __future__ import annotations

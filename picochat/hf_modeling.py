@@ -1,11 +1,10 @@
 """transformers code for picochat models with architecture extras (shipped as modeling_picochat.py).
 
 `picochat export` copies this file, unchanged, into the folder of a model trained with value embeddings,
-residual/x0 scalars, a QK scale, the smear, sliding windows, a bigram table or attention output gates, and
-points config.json's
-`auto_map` at it, so that `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` builds
-the same model. It only adds to transformers' `NanoChatForCausalLM` (the plain architecture, which
-needs no code of ours):
+residual/x0 scalars, a QK scale, the smear, sliding windows, a bigram table or attention output gates,
+and points config.json's `auto_map` at it, so that
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` builds the same model. It only adds
+to transformers' `NanoChatForCausalLM` (the plain architecture, which needs no code of ours):
 
   - value embeddings: on the layers that have one, `v_proj` becomes `ValueWithEmbedding`, which adds
     2 * sigmoid(ve_gate(x)) times the token's value embedding to V (per key/value head), exactly as
