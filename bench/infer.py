@@ -23,6 +23,7 @@ import statistics
 import time
 
 import torch
+import torch.nn as nn
 
 from picochat.engine import Engine
 from picochat.gpt import GPT, GPTConfig
@@ -58,7 +59,13 @@ class BenchTokenizer:
 
 
 def build_engine(
-    depth: int, width: int, vocab: int, context: int, device: str = "cpu", plain: bool = False
+    depth: int,
+    width: int,
+    vocab: int,
+    context: int,
+    device: str = "cpu",
+    plain: bool = False,
+    bf16_head: bool = False,
 ) -> Engine:
     """A random model of `train base`'s default architecture (`plain`: the plain one) in an Engine."""
     torch.manual_seed(0)
@@ -76,7 +83,7 @@ def build_engine(
     with torch.no_grad():  # init_weights zeroes the output projections: give every weight a value
         for p in model.parameters():
             p.normal_(0.0, p.shape[-1] ** -0.5)
-    return Engine(model.to(device).eval(), BenchTokenizer(vocab))
+    return Engine(model.to(device).eval(), BenchTokenizer(vocab), bf16_head=bf16_head)
 
 
 def timed_generation(engine: Engine, prompt: list[int], batch: int, new_tokens: int) -> tuple[float, float]:
@@ -116,15 +123,21 @@ def read_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
 
 
 def step_bytes(engine: Engine, batch: int, span: float) -> float:
-    """Bytes a decode step must read at least: every weight but the embedding (only `batch` of its rows
-    are read) plus each row's cached keys and values over `span` positions, in the cache's dtype."""
+    """Bytes a decode step must read at least: every weight but the embedding tables (only `batch` of
+    their rows are read), the lm_head in the dtype the engine decodes it in, plus each row's cached
+    keys and values over `span` positions (a short-window layer's over its window), in the cache's
+    dtype."""
     model, c = engine.model, engine.model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    # Embedding tables are read a row per token, not whole: the token embedding and value embeddings.
-    tables = [model.transformer.wte, *getattr(model, "value_embeds", {}).values()]
-    weights -= sum(t.weight.numel() * t.weight.element_size() for t in tables)
-    kv = 2 * c.n_layer * batch * span * c.n_kv_head * c.head_dim * model.lm_head.weight.element_size()
-    return weights + kv
+    # Embedding tables are read a row per token, not whole: token, value and bigram embeddings.
+    weights -= sum(
+        m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Embedding)
+    )
+    head = model.lm_head.weight
+    if engine.head.bf16:
+        weights -= head.numel() * (head.element_size() - 2)
+    keys = sum(min(span, block.attn.window or span) for block in model.transformer.h)
+    return weights + 2 * batch * keys * c.n_kv_head * c.head_dim * head.element_size()
 
 
 def profile_decode(engine: Engine, prompt: list[int], batch: int) -> None:
@@ -162,6 +175,11 @@ def main() -> None:
         help="also time the model's forward under torch.compile(dynamic=True), interleaved with eager",
     )
     parser.add_argument(
+        "--bf16-head",
+        action="store_true",
+        help="decode the lm_head in bf16 (picochat chat/serve --bf16-head)",
+    )
+    parser.add_argument(
         "--floor",
         action="store_true",
         help="also print each batch's memory floor: the bytes a step must read over the measured read speed",
@@ -171,7 +189,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     context = args.prompt_tokens + args.new_tokens
-    engine = build_engine(args.depth, args.width, args.vocab, context, args.device, args.plain)
+    engine = build_engine(
+        args.depth, args.width, args.vocab, context, args.device, args.plain, args.bf16_head
+    )
     prompt = torch.randint(
         0, args.vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)
     ).tolist()

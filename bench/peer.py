@@ -13,11 +13,13 @@ load. Workloads, identical on both sides (randomly initialised weights, fp32 on 
   - inference: depth 4, width 256, vocab 32,768, a 128-token prompt, 256 new tokens, temperature 1,
     top-k 50: decode tokens/s at batch 1, 8 and 32, time to first token and prefill tokens/s
     (prompt tokens over the time to first token, at batch 1).
-nanochat's model is built with full attention in every layer (window pattern "L") like picochat's;
-each side otherwise builds its own default architecture (picochat: `train base`'s defaults, value
-embeddings, smear and QK scale included; nanochat: value embeddings, smear, backout, residual
-scalars), so each trains and decodes the model its users get. `--plain` gives picochat the plain
-architecture instead.
+Each side builds its own default architecture (picochat: `train base`'s defaults, value embeddings,
+smear, QK scale, bigram table, attention gates and sliding windows SSSL with a short window of a
+sixty-fourth of the context; nanochat: value embeddings, smear, backout, residual scalars and sliding
+windows SSSL with a short window of a quarter of the context rounded up to 128), so each trains and
+decodes the model its users get. `--plain` gives picochat the plain architecture instead;
+`--bf16-head` decodes picochat's lm_head in bf16 (`picochat chat/serve --bf16-head`; nanochat has no
+such option, so the rows then compare fp32 nanochat with it).
 `--only train|infer` runs one half. The machine's other load moves absolute figures; ratios of
 interleaved runs are what to compare.
 """
@@ -91,12 +93,14 @@ def build_model(torch, side: str, depth: int, vocab: int, seq_len: int, plain: b
     else:
         from nanochat.gpt import GPT, GPTConfig
 
-        model = GPT(GPTConfig(n_embd=width, window_pattern="L", **kw))
+        model = GPT(GPTConfig(n_embd=width, **kw))
     model.init_weights()
     return model
 
 
-def infer_worker(side: str, batch: int, prompt_len: int, new_tokens: int, plain: bool) -> dict:
+def infer_worker(
+    side: str, batch: int, prompt_len: int, new_tokens: int, plain: bool, bf16_head: bool = False
+) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -110,7 +114,7 @@ def infer_worker(side: str, batch: int, prompt_len: int, new_tokens: int, plain:
         from picochat.engine import Engine
         from picochat.sampling import SamplingParams
 
-        engine = Engine(model, tokenizer)
+        engine = Engine(model, tokenizer, bf16_head=bf16_head)
 
         def run(n: int, max_tokens: int):
             params = SamplingParams(temperature=1.0, top_k=50, max_tokens=max_tokens, seed=0)
@@ -229,6 +233,9 @@ def main() -> int:
     p.add_argument(
         "--plain", action="store_true", help="picochat's plain architecture instead of train base's default"
     )
+    p.add_argument(
+        "--bf16-head", action="store_true", help="decode picochat's lm_head in bf16 (picochat.decode_head)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     p.add_argument(
         "--markdown",
@@ -249,7 +256,16 @@ def main() -> int:
         ]
     if args.only != "train":
         specs += [
-            (f"infer batch {b}", {"kind": "infer", "batch": b, "prompt_len": 128, "new_tokens": 256})
+            (
+                f"infer batch {b}",
+                {
+                    "kind": "infer",
+                    "batch": b,
+                    "prompt_len": 128,
+                    "new_tokens": 256,
+                    "bf16_head": args.bf16_head,
+                },
+            )
             for b in args.batches
         ]
     print(f"picochat vs nanochat ({args.nanochat}), {args.repeats} interleaved rounds, medians", flush=True)

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 TARGET_SPEEDUP = 5.0
 
 
-def build_app(depth: int, vocab: int, max_batch_size: int, max_queue: int, context: int, plain: bool):
+def build_app(
+    depth: int, vocab: int, max_batch_size: int, max_queue: int, context: int, plain: bool, bf16_head: bool
+):
     """The server app: a random depth-`depth` model (train base's default architecture, or the plain one)
     and a freshly trained tokenizer behind the backend."""
     import pyarrow.parquet as pq
@@ -65,7 +67,7 @@ def build_app(depth: int, vocab: int, max_batch_size: int, max_queue: int, conte
         for p in model.parameters():  # init_weights zeroes the output projections: give all a value
             p.normal_(0.0, p.shape[-1] ** -0.5)
         model.lm_head.weight[list(tokenizer.get_special_tokens().values())] = 0.0  # never in the top 50
-    engine = Engine(model.eval(), tokenizer)
+    engine = Engine(model.eval(), tokenizer, bf16_head=bf16_head)
     backend = ContinuousBatchingBackend(
         engine, f"bench-d{depth}", max_batch_size=max_batch_size, max_queue=max_queue
     )
@@ -256,6 +258,9 @@ def main() -> None:
         "--plain", action="store_true", help="the plain architecture instead of train base's default"
     )
     parser.add_argument(
+        "--bf16-head", action="store_true", help="decode the lm_head in bf16 (picochat serve --bf16-head)"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -271,6 +276,7 @@ def main() -> None:
         "max_queue": args.max_queue,
         "context": 1024,
         "plain": args.plain,
+        "bf16_head": args.bf16_head,
     }
     process = mp.get_context("spawn").Process(
         target=serve, args=(port, args.threads, server_args), daemon=True

@@ -9,7 +9,8 @@ Training and evaluation pass SDPA a boolean (T, T) mask built once per (sequence
 device) and cached; full-context layers keep `is_causal=True`, so they stay on the flash kernel. On
 GPU a masked call runs SDPA's memory-efficient kernel (fused, no T x T scores in memory). With a KV
 cache the engine's causal mask (B, 1, T, span) is narrowed to the window from each row's positions,
-so cached decoding sees exactly the keys the full forward sees.
+so cached decoding sees exactly the keys the full forward sees; a short-window layer reads only the
+cached keys inside some query's window (w per row when decoding), not the whole cache.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ ROTARY_HEADROOM = 10
 
 # Per-forward attention masks by window (None = full context): a tensor, or None for `is_causal`.
 Masks = dict[int | None, torch.Tensor | None]
+# With a KV cache, per window: the mask and which cached keys it covers (a slice of positions, or
+# each row's own positions (B, keys)).
+CacheMasks = dict[int | None, tuple[torch.Tensor, slice | torch.Tensor]]
 
 
 def norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -92,19 +96,30 @@ def cache_masks(
     causal: torch.Tensor,
     positions: torch.Tensor,
     additive: torch.dtype | None = None,
-) -> Masks:
-    """Masks for a forward with a KV cache: the cache's causal mask (B, 1, T, span), narrowed per window
-    to the keys within w - 1 positions before each query (positions (B, T)). With `additive` (the
-    queries' dtype), each is returned as 0 / -inf of that dtype: SDPA on CPU converts a boolean mask
-    to that at every call, so converting once per forward saves it n_layer - 1 times (the same numbers)."""
-    keys = torch.arange(causal.size(-1), device=causal.device)
-    masks: Masks = {}
+) -> CacheMasks:
+    """Per window, the keys a forward with a KV cache attends to and their mask, from the cache's causal
+    mask (B, 1, T, span) and the queries' positions (B, T). A full layer takes every key of the span
+    under the causal mask. A short-window layer takes only keys within w - 1 positions before its
+    queries: decoding one token per row, each row's own last w keys (gathered, so rows far apart still
+    read w keys each, not the whole cache); for longer chunks, the span from the earliest key any query
+    sees. The result is the same, since the keys left out are masked for every query. With `additive`
+    (the queries' dtype), each mask is returned as 0 / -inf of that dtype: SDPA on CPU converts a
+    boolean mask to that at every call, so converting once per forward saves it n_layer - 1 times."""
+    span, length = causal.size(-1), positions.size(1)
+    masks: CacheMasks = {}
     for w in windows:
-        in_window = keys[None, None, :] > positions[:, :, None] - w if w is not None else None
-        mask = causal if in_window is None else causal & in_window[:, None]
+        if w is None:
+            mask, keys = causal, slice(0, span)
+        elif length == 1:
+            wanted = positions - (w - 1) + torch.arange(w, device=positions.device)  # (B, w), oldest first
+            mask, keys = (wanted >= 0)[:, None, None, :], wanted.clamp(min=0)
+        else:
+            start = max(0, int(positions[:, 0].min()) - w + 1)  # no query sees a key before this one
+            in_window = torch.arange(start, span, device=causal.device) > positions[:, :, None] - w
+            mask, keys = causal[..., start:] & in_window[:, None], slice(start, span)
         if additive is not None:
             mask = torch.zeros(mask.shape, dtype=additive, device=mask.device).masked_fill_(~mask, -math.inf)
-        masks[w] = mask
+        masks[w] = (mask, keys)
     return masks
 
 
@@ -134,7 +149,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         cache: Any,
-        masks: Masks,
+        masks: Masks | CacheMasks,
         ve: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
@@ -147,12 +162,14 @@ class CausalSelfAttention(nn.Module):
         # As in NanoChat: rotate first, then normalise (the norm is rotation-invariant per pair anyway).
         q = norm(apply_rotary(q, *rotary), self.eps)
         k = norm(apply_rotary(k, *rotary), self.eps)
-        gqa, mask = self.n_kv_head != self.n_head, masks[self.window]
+        gqa = self.n_kv_head != self.n_head
         if cache is None:
+            mask = masks[self.window]
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         else:
             kv_cache, positions = cache
-            k, v = kv_cache.store(self.layer_idx, k, v, positions, mask.size(-1))  # (B, H, span, D)
+            mask, keys = masks[self.window]
+            k, v = kv_cache.store(self.layer_idx, k, v, positions, keys)  # (B, H, keys, D)
             q, k, v = q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=gqa

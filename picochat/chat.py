@@ -15,7 +15,7 @@ from dataclasses import asdict
 from typing import Any, TextIO
 
 from picochat.checkpoint import STAGES, list_steps
-from picochat.common import PicochatError, get_base_dir, run_cli
+from picochat.common import BF16_HEAD_HELP, PicochatError, get_base_dir, run_cli
 from picochat.engine import Engine, ReplyText, context_notice, fit_conversation, load_engine, prompt_budget
 from picochat.sampling import SamplingParams
 
@@ -93,6 +93,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--device-type", default="", choices=["cuda", "cpu", "mps"], help="device (default: autodetect)"
     )
+    parser.add_argument("--bf16-head", action="store_true", help=BF16_HEAD_HELP)
     return parser
 
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     sampling_from_args(args)  # bad flags fail before the model loads
     if args.stage is None:
         args.stage = default_stage()
-    engine, meta = load_engine(args.stage, args.model_tag, args.step, args.device_type)
+    engine, meta = load_engine(args.stage, args.model_tag, args.step, args.device_type, args.bf16_head)
     chat = Chat(engine, args, sys.stdout)
     if args.prompt is not None:
         chat.reply(args.prompt)

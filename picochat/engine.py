@@ -34,7 +34,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from picochat.common import PicochatError, autodetect_device_type, get_base_dir
+from picochat.common import PicochatError, autodetect_device_type, get_base_dir, keep_freed_memory
 from picochat.decode_head import DecodeHead
 from picochat.execution import run_calculator
 from picochat.gpt import KVCache
@@ -45,6 +45,7 @@ FinishReason = Literal["stop", "length"]
 PREFILL_CHUNK = 256  # prompt tokens per forward pass: bounds the attention's memory and, in the
 # server, how long a long prompt holds up the other streams' next token
 GREEDY = SamplingParams(temperature=0.0)
+CACHE_GROWTH = 32  # reply tokens the decode cache first has room for (it doubles as needed)
 
 # ---------------------------------------------------------------------------------------------
 # The per-row state machine: forced tokens, tool calls, stopping
@@ -187,7 +188,11 @@ class Engine:
     """KV-cache generation for a `picochat.gpt.GPT` and its tokenizer."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, tool: Callable[[str], str | None] = run_calculator
+        self,
+        model: Any,
+        tokenizer: Any,
+        tool: Callable[[str], str | None] = run_calculator,
+        bf16_head: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -197,7 +202,10 @@ class Engine:
         # an imported nanochat model): ids without a token are cut off the logits, never sampled.
         self.vocab_size = min(model.config.vocab_size, tokenizer.get_vocab_size())
         self.max_context = model.config.sequence_len  # prompt + reply tokens the model was trained on
-        self.head = DecodeHead(model)  # the lm_head in the weight layout fastest for each batch size
+        # the lm_head in the weight layout fastest for each batch size (bf16_head: in bf16, opt-in)
+        self.head = DecodeHead(model, bf16=bf16_head)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a reply's cache memory is reused by the next without page faults
 
     def last_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Append `ids` (B, T) to `cache` and return the logits (B, V) of each row's last token (the
@@ -249,7 +257,11 @@ class Engine:
         for slot in slots:
             sampler.assign(slot, params, rng)
         logits, prompt_cache = self.prefill(tokens)
-        cache = KVCache.for_model(self.model, num_samples, len(tokens) + budget - 1)
+        # The rows' cache starts with room for CACHE_GROWTH tokens and doubles when full: the first
+        # token does not wait for the whole budget's memory (tens of ms at batch 32, where first-touch
+        # page faults are slow), and a reply that stops early never pays for the rest.
+        full_len = len(tokens) + budget - 1
+        cache = KVCache.for_model(self.model, num_samples, min(full_len, len(tokens) + CACHE_GROWTH))
         cache.insert_prefill(prompt_cache)  # one prefill, shared by every row
         logits = logits.expand(num_samples, -1)
         rows = [RowState(self.tokens, budget) for _ in slots]
@@ -264,6 +276,8 @@ class Engine:
             if all(row.finish_reason for row in rows):
                 return
             ids = [[step.token if step else self.tokens.bos] for step in steps]
+            if int(cache.pos.max()) == cache.max_len:
+                cache = cache.grown(min(full_len, 2 * cache.max_len))
             logits = self.last_logits(torch.tensor(ids, dtype=torch.long, device=self.device), cache)
 
     def generate(
@@ -295,10 +309,15 @@ class Engine:
 
 
 def load_engine(
-    source: str, model_tag: str | None = None, step: int | None = None, device_type: str = ""
+    source: str,
+    model_tag: str | None = None,
+    step: int | None = None,
+    device_type: str = "",
+    bf16_head: bool = False,
 ) -> tuple[Engine, dict[str, Any]]:
     """(Engine, checkpoint meta) for a stage's checkpoint; a PicochatError saying how to train one if
-    there is none. model_tag defaults to the deepest model, step to the latest, device to the best one."""
+    there is none. model_tag defaults to the deepest model, step to the latest, device to the best one;
+    bf16_head: the lm_head in bf16 at decode time (picochat.decode_head)."""
     from picochat.checkpoint import checkpoint_dir_for, find_model_tag, list_steps, load_model
 
     how = f"train one with runs/cpu.sh or `picochat train {source}`"
@@ -312,7 +331,7 @@ def load_engine(
     if not list_steps(folder):
         raise PicochatError(f"no {source} checkpoint in {folder}; {how}")
     model, tokenizer, meta = load_model(source, tag, step, device=device_type or autodetect_device_type())
-    return Engine(model, tokenizer), meta
+    return Engine(model, tokenizer, bf16_head=bf16_head), meta
 
 
 # ---------------------------------------------------------------------------------------------

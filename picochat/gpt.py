@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from picochat.attention import (
     ROTARY_HEADROOM,
+    CacheMasks,
     CausalSelfAttention,
     Masks,
     cache_masks,
@@ -235,7 +236,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         cache: Any,
-        masks: Masks,
+        masks: Masks | CacheMasks,
         ve: torch.Tensor | None,
     ) -> torch.Tensor:
         x = x + self.attn(norm(x, self.eps), rotary, cache, masks, ve)

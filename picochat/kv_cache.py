@@ -81,15 +81,23 @@ class KVCache:
         return positions, (keys[None, None, :] <= positions[:, :, None])[:, None]
 
     def store(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, span: int
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        keys: slice | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, T, H, D) at `positions` (B, T); return this layer's first `span` keys and
-        values, (B, H, span, D) as attention takes them."""
+        """Write k, v (B, T, H, D) at `positions` (B, T); return this layer's keys and values at `keys`
+        (a slice of positions, the same for every row, or each row's own positions (B, n)), as (B, H, n,
+        D), the layout attention takes them in."""
         rows = torch.arange(self.batch_size, device=k.device)[:, None]
         # indices (B, 1) and (B, T) around a full slice: the indexed view is (B, T, H, D), like k and v
         self.k[layer][rows, :, positions] = k.to(self.k.dtype)
         self.v[layer][rows, :, positions] = v.to(self.v.dtype)
-        return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
+        if isinstance(keys, slice):
+            return self.k[layer, :, :, keys], self.v[layer, :, :, keys]
+        return self.k[layer][rows, :, keys].transpose(1, 2), self.v[layer][rows, :, keys].transpose(1, 2)
 
     def previous_tokens(
         self, idx: torch.Tensor, positions: torch.Tensor
@@ -106,6 +114,20 @@ class KVCache:
         view.k, view.v, view.tokens, view.pos = self.k[:, :n], self.v[:, :n], self.tokens[:n], self.pos[:n]
         view.batch_size = n
         return view
+
+    def grown(self, max_len: int) -> KVCache:
+        """A copy of this cache with room for `max_len` tokens per row, its cached tokens kept."""
+        n_layer, _, n_kv_head, _, head_dim = self.k.shape
+        keep_tokens = self.tokens.size(1) > 0
+        bigger = KVCache(
+            self.batch_size, max_len, n_layer, n_kv_head, head_dim, self.k.device, self.k.dtype, keep_tokens
+        )
+        length = min(int(self.pos.max()), max_len)
+        bigger.k[:, :, :, :length] = self.k[:, :, :, :length]
+        bigger.v[:, :, :, :length] = self.v[:, :, :, :length]
+        bigger.tokens[:, :length] = self.tokens[:, :length]
+        bigger.pos.copy_(self.pos)
+        return bigger
 
     def advance(self, num_tokens: int) -> None:
         self.pos += num_tokens

@@ -12,7 +12,9 @@ import pytest
 import torch
 from engine_fakes import ScriptedGPT, naive_greedy, tiny_model, tiny_tokenizer
 
+from picochat import decode_head
 from picochat.checkpoint import checkpoint_dir_for, save_checkpoint
+from picochat.common import PicochatError
 from picochat.decode_head import DecodeHead
 from picochat.engine import (
     Engine,
@@ -231,6 +233,11 @@ def test_chat_one_shot_on_a_tiny_checkpoint(tok, model, tmp_path, monkeypatch):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == tok.decode(naive_greedy(model, prompt(tok), 12)).strip()
+    bf16 = subprocess.run([*cmd, "--bf16-head"], capture_output=True, text=True, timeout=120)
+    if decode_head.bf16_head_problem():  # refused in one line, naming the flag
+        assert bf16.returncode == 1 and "--bf16-head" in bf16.stderr and "Traceback" not in bf16.stderr
+    else:
+        assert bf16.returncode == 0 and bf16.stdout.strip(), bf16.stderr
 
     # Interactive: two exchanges, /clear, and Ctrl-D (end of input) to leave.
     session = subprocess.run(
@@ -290,6 +297,30 @@ def test_decode_head_matches_the_lm_head_and_follows_weight_changes(tok, rows):
         torch.testing.assert_close(head(x), model.lm_head(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(bool(decode_head.bf16_head_problem()), reason="this CPU has no bf16 oneDNN path")
+@pytest.mark.parametrize("rows", [1, 8])
+def test_the_bf16_head_gives_the_fp32_logits_to_bf16_precision_and_follows_weight_changes(tok, rows):
+    model = tiny_model(tok, seed=3)
+    head = DecodeHead(model, bf16=True)
+    x = torch.randn(rows, 1, model.config.n_embd)
+    assert head.layout(rows) == "onednn_bf16"
+    for _ in range(2):
+        with torch.inference_mode():
+            out, exact = head(x), model.lm_head(x)
+        assert out.dtype == torch.float32 and out.shape == exact.shape
+        torch.testing.assert_close(out, exact, rtol=0.02, atol=0.02 * exact.abs().max().item())
+        assert not torch.equal(out, exact)  # it really is a bf16 product
+        with torch.no_grad():  # an optimiser step changes the weight in place: the copy must follow
+            model.lm_head.weight.mul_(-2.0)
+
+
+def test_the_bf16_head_is_refused_in_one_line_where_the_cpu_lacks_bf16(tok, monkeypatch):
+    monkeypatch.setattr(decode_head, "_bf16_supported", lambda: False)
+    with pytest.raises(PicochatError, match="needs a CPU with AVX512 or AMX bf16 support.*drop the flag"):
+        Engine(tiny_model(tok), tok, bf16_head=True)
+    Engine(tiny_model(tok), tok)  # fp32 (the default) needs nothing
+
+
 def test_decode_head_never_yields_logits_past_the_vocabulary(tok):
     model = tiny_model(tok)
     vocab = model.config.vocab_size
@@ -306,3 +337,15 @@ def test_greedy_batch_1_equals_full_forward(tok, model):
     tokens = prompt(tok, "Hello there!")
     sequences, _ = Engine(model, tok).generate_batch(tokens, 1, params=P(max_tokens=30, temperature=0))
     assert sequences[0] == tokens + naive_greedy(model, tokens, 30)
+
+
+def test_a_reply_longer_than_the_first_cache_grows_it_and_stays_exact(tok, monkeypatch):
+    """The decode cache starts small and doubles (engine.CACHE_GROWTH): greedy replies that cross two
+    growths, with the windows and extras of train base's defaults, equal a full forward's."""
+    monkeypatch.setattr("picochat.engine.CACHE_GROWTH", 4)
+    extras = {"window_pattern": "SL", "short_window": 4, "bigram_embeds": 2, "smear": True}
+    model = tiny_model(tok, seed=5, sequence_len=128, extras=extras)
+    tokens = prompt(tok, "Hello there!")
+    sequences, _ = Engine(model, tok).generate_batch(tokens, 2, params=P(max_tokens=20, temperature=0))
+    expected = tokens + naive_greedy(model, tokens, 20)
+    assert sequences == [expected[: len(s)] for s in sequences] and len(sequences[0]) > len(tokens) + 8

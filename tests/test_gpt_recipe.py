@@ -13,7 +13,7 @@ import pytest
 import torch
 from engine_fakes import random_model
 
-from picochat.attention import CausalSelfAttention, layer_window, training_masks
+from picochat.attention import CausalSelfAttention, cache_masks, layer_window, training_masks
 from picochat.checkpoint import checkpoint_dir_for, load_model, save_checkpoint
 from picochat.checkpoint_checks import model_config
 from picochat.common import PicochatError
@@ -199,6 +199,36 @@ def test_cached_decoding_equals_the_full_forward(switch):
         cache.pos[0] = 13
         last = model(idx[:, 13:14], kv_cache=cache)
         torch.testing.assert_close(last, full[:, 13:14], atol=2e-4, rtol=1e-4)
+
+
+def test_a_short_window_layer_reads_only_its_window_of_the_cache():
+    """Decoding, each row gathers its own last w keys (rows far apart included); a longer chunk reads
+    from the earliest key any of its queries sees. Both still equal the full forward."""
+    model = random_model(config_with(window_pattern="SL", short_window=4))
+    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache.for_model(model, 2, 32)
+        model(idx[:, :17], kv_cache=cache)
+        one = KVCache.for_model(model, 1, 32)
+        model(idx[1:, :2], kv_cache=one)
+        cache.reset([1])
+        cache.insert_prefill(one, rows=[1])  # row 0 at position 17, row 1 at 2
+        positions, causal = cache.next_positions(1)
+        masks = cache_masks(model.windows, causal, positions)
+        assert masks[None][0].shape[-1] == 18 and masks[None][1] == slice(0, 18)
+        mask, keys = masks[4]
+        assert keys.tolist() == [[14, 15, 16, 17], [0, 0, 1, 2]]  # row 1's window starts before 0
+        assert mask[:, 0, 0].tolist() == [[True] * 4, [False, True, True, True]]
+        step = model(torch.stack([idx[0, 17:18], idx[1, 2:3]]), kv_cache=cache)
+        torch.testing.assert_close(step[0, 0], full[0, 17], atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(step[1, 0], full[1, 2], atol=2e-4, rtol=1e-4)
+        one.reset()
+        model(idx[:1, :14], kv_cache=one)
+        mask, keys = cache_masks(model.windows, *reversed(one.next_positions(3)))[4]
+        assert keys == slice(11, 17) and mask.shape == (1, 1, 3, 6)  # queries 14..16 see keys 11..16
+        chunk = model(idx[:1, 14:17], kv_cache=one)
+        torch.testing.assert_close(chunk, full[:1, 14:17], atol=2e-4, rtol=1e-4)
 
 
 # All switches at once in the default suite; one by one (a minute on a busy 2-core machine) as slow.

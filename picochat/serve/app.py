@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from picochat.checkpoint import STAGES
-from picochat.common import PicochatError, run_cli
+from picochat.common import BF16_HEAD_HELP, PicochatError, run_cli
 from picochat.serve.backend import Backend, QueueFullError, SamplingParams, ShuttingDownError
 from picochat.serve.completions import (
     check_fits,
@@ -273,6 +273,7 @@ def _load_backends(args: argparse.Namespace) -> list[Backend]:
             device_type=args.device_type,
             max_batch_size=args.max_batch_size,
             max_queue=args.max_queue,
+            bf16_head=args.bf16_head,
         )
         for stage, tag, step in specs
     ]
@@ -330,6 +331,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument(
         "--device-type", default="", choices=["cuda", "cpu", "mps"], help="device (default: autodetect)"
     )
+    parser.add_argument("--bf16-head", action="store_true", help=BF16_HEAD_HELP)
     parser.add_argument("--max-batch-size", type=_positive_int, default=8, help="sequences decoded together")
     parser.add_argument(
         "--max-queue", type=int, default=32, help="requests that may wait for a slot before 429s"

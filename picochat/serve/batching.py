@@ -182,8 +182,9 @@ class ContinuousBatchingBackend:
         device_type: str = "",
         max_batch_size: int = 8,
         max_queue: int = 32,
+        bf16_head: bool = False,
     ) -> ContinuousBatchingBackend:
-        engine, meta = load_engine(source, model_tag, step, device_type)
+        engine, meta = load_engine(source, model_tag, step, device_type, bf16_head)
         if engine.device.type == "cpu":
             leave_a_core_to_the_event_loop()
         folder = Path(meta["path"])  # .../checkpoints/<stage>/<model_tag>/step_<N>
