@@ -425,6 +425,7 @@ def test_main_builds_backend_and_runs_uvicorn(monkeypatch):
         "2",
         "--port",
         "9",
+        "--bf16-head",
     ]
     assert serve_app.main(argv) == 0
     assert calls["backend"] == {
@@ -434,6 +435,7 @@ def test_main_builds_backend_and_runs_uvicorn(monkeypatch):
         "device_type": "",
         "max_batch_size": 4,
         "max_queue": 2,
+        "bf16_head": True,
     }
     assert calls["uvicorn"]["host"] == "127.0.0.1" and calls["uvicorn"]["port"] == 9
     with ServerThread(calls["app"]) as running:  # the env key protects the app main built
