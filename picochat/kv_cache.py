@@ -122,11 +122,7 @@ class KVCache:
         bigger = KVCache(
             self.batch_size, max_len, n_layer, n_kv_head, head_dim, self.k.device, self.k.dtype, keep_tokens
         )
-        length = min(int(self.pos.max()), max_len)
-        bigger.k[:, :, :, :length] = self.k[:, :, :, :length]
-        bigger.v[:, :, :, :length] = self.v[:, :, :, :length]
-        bigger.tokens[:, :length] = self.tokens[:, :length]
-        bigger.pos.copy_(self.pos)
+        bigger.insert_prefill(self)  # every row's cached tokens, row for row
         return bigger
 
     def advance(self, num_tokens: int) -> None:
